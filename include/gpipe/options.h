@@ -1,0 +1,61 @@
+// Options of GPipe, in LibTorch's style: the required argument in the
+// constructor, everything else a chainable TORCH_ARG with a default, so
+// `GPipeOptions(4).microbatches(8).checkpoint(Checkpoint::Always)` reads like
+// the paper's knobs.
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <ostream>
+#include <vector>
+
+namespace gpipe {
+
+/// When a partition re-materializes its activations during backward instead
+/// of keeping them from forward.
+enum class Checkpoint {
+  /// Keep every activation (fastest, most memory).
+  Never,
+  /// Recompute every micro-batch but the last one, whose backward starts
+  /// right after its forward (the paper's choice, the default).
+  ExceptLast,
+  /// Recompute every micro-batch.
+  Always,
+};
+
+inline const char* to_string(Checkpoint mode) {
+  switch (mode) {
+    case Checkpoint::Never:
+      return "never";
+    case Checkpoint::ExceptLast:
+      return "except_last";
+    case Checkpoint::Always:
+      return "always";
+  }
+  return "unknown";
+}
+
+inline std::ostream& operator<<(std::ostream& os, Checkpoint mode) {
+  return os << to_string(mode);
+}
+
+struct GPipeOptions {
+  /* implicit */ GPipeOptions(int64_t partitions) : partitions_(partitions) {}
+
+  /// Number of partitions (pipeline stages) K.
+  TORCH_ARG(int64_t, partitions);
+  /// Number of micro-batches M a batch is split into (fewer if the batch is
+  /// smaller than M).
+  TORCH_ARG(int64_t, microbatches) = 1;
+  /// Which micro-batches re-materialize their activations in backward.
+  TORCH_ARG(Checkpoint, checkpoint) = Checkpoint::ExceptLast;
+  /// Layers per partition; empty splits the layers evenly by count.
+  TORCH_ARG(std::vector<int64_t>, balance) = {};
+  /// One device per partition; empty puts partition j on CUDA device
+  /// j mod (visible devices), or on the CPU when there is no GPU.
+  TORCH_ARG(std::vector<torch::Device>, devices) = {};
+};
+
+} // namespace gpipe

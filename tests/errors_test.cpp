@@ -1,0 +1,205 @@
+// Every bad input gets a clear error; a failing stage never hangs the pipe.
+#include "test_support.h"
+
+#include <gpipe/detail/worker.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+using gpipe::Checkpoint;
+using gpipe::GPipe;
+using gpipe::GPipeOptions;
+using gpipe_test::error_of;
+using gpipe_test::make_mlp;
+using Pipe = GPipe<torch::nn::Sequential>;
+
+TEST(BadInput, ZeroPartitionsIsRejected) {
+  EXPECT_EQ(error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(0)); }), "gpipe: partitions must be at least 1 (partitions: 0)");
+}
+
+TEST(BadInput, MorePartitionsThanLayersIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(5)); }),
+      "gpipe: more partitions than layers (partitions: 5, layers: 4)");
+}
+
+TEST(BadInput, ZeroMicrobatchesIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).microbatches(0)); }),
+      "gpipe: microbatches must be at least 1 (microbatches: 0)");
+}
+
+TEST(BadInput, BalanceOfTheWrongLengthIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 1, 2})); }),
+      "gpipe: balance and partitions have different lengths (balance: 3, partitions: 2)");
+}
+
+TEST(BadInput, BalanceWithAnEmptyPartitionIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({4, 0})); }),
+      "gpipe: every partition needs at least one layer (balance[1]: 0)");
+}
+
+TEST(BadInput, BalanceThatDoesNotSumToTheLayersIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 2})); }),
+      "gpipe: balance does not sum to the number of layers (sum of balance: 3, layers: 4)");
+}
+
+TEST(BadInput, FewerDevicesThanPartitionsIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(3).devices({torch::kCPU, torch::kCPU})); }),
+      "gpipe: fewer devices than partitions (devices: 2, partitions: 3)");
+}
+
+TEST(BadInput, AnEmptySequentialIsRejected) {
+  EXPECT_EQ(
+      error_of([] { Pipe(torch::nn::Sequential(), GPipeOptions(1)); }),
+      "gpipe: cannot pipeline an empty Sequential (layers: 0)");
+}
+
+TEST(BadInput, AnUnavailableCudaDeviceIsRejected) {
+  if (gpipe_test::cuda_available()) {
+    GTEST_SKIP() << "a GPU is present";
+  }
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).devices({torch::kCPU, torch::Device("cuda:0")})); }),
+      "gpipe: device cuda:0 asked for, but no CUDA device is available");
+}
+
+TEST(BadInput, AnInputWithoutBatchDimensionIsRejected) {
+  Pipe pipe(make_mlp(2, 2), GPipeOptions(2));
+  EXPECT_EQ(
+      error_of([&] { pipe(torch::tensor(1.0)); }),
+      "gpipe: input has no batch dimension (input shape: [])");
+}
+
+TEST(BadInput, AnEmptyBatchIsRejected) {
+  Pipe pipe(make_mlp(2, 2), GPipeOptions(2));
+  EXPECT_EQ(
+      error_of([&] { pipe(torch::randn({0, 2})); }),
+      "gpipe: input has an empty batch (input shape: [0, 2])");
+}
+
+TEST(BadInput, AShapeErrorInsideAStageNamesThePartition) {
+  torch::nn::Sequential seq(torch::nn::Linear(4, 3), torch::nn::Linear(4, 2));
+  Pipe pipe(seq, GPipeOptions(2).microbatches(2));
+  const auto message = error_of([&] { pipe(torch::randn({4, 4})); });
+  EXPECT_EQ(message.rfind("gpipe: partition 1 failed on micro-batch 0 in forward: ", 0), 0u) << message;
+  EXPECT_NE(message.find("mat1 and mat2 shapes cannot be multiplied"), std::string::npos) << message;
+}
+
+namespace {
+
+/// A layer that throws in forward on its n-th call, or in backward on the
+/// micro-batch with a given number of rows, once armed.
+struct Saboteur {
+  std::atomic<int> fail_forward_on{-1};
+  std::atomic<int> fail_backward_rows{-1};
+  std::atomic<int> seen{0};
+
+  torch::nn::Functional layer() {
+    return gpipe_test::layer([this](torch::Tensor x) {
+      const int index = seen++;
+      if (index == fail_forward_on) {
+        throw std::runtime_error("saboteur struck in forward");
+      }
+      if (x.requires_grad() && x.size(0) == fail_backward_rows) {
+        x = x.clone();
+        x.register_hook([](torch::Tensor g) -> torch::Tensor { throw std::runtime_error("saboteur struck in backward"); });
+      }
+      return x;
+    });
+  }
+};
+
+} // namespace
+
+TEST(Faults, AnExceptionInForwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
+  Saboteur saboteur;
+  torch::nn::Sequential seq(torch::nn::Linear(3, 3), saboteur.layer(), torch::nn::Linear(3, 3));
+  Pipe pipe(seq, GPipeOptions(2).microbatches(4));
+  saboteur.fail_forward_on = 2;
+  const auto message = error_of([&] { pipe(torch::randn({8, 3})); });
+  EXPECT_EQ(message, "gpipe: partition 0 failed on micro-batch 2 in forward: saboteur struck in forward");
+  saboteur.fail_forward_on = -1;
+  pipe(torch::randn({8, 3})).sum().backward();
+  EXPECT_TRUE(seq->parameters()[0].grad().defined());
+}
+
+TEST(Faults, AnExceptionInBackwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
+  for (const auto mode : {Checkpoint::Never, Checkpoint::Always}) {
+    Saboteur saboteur;
+    torch::nn::Sequential seq(torch::nn::Linear(3, 3), torch::nn::Linear(3, 3), saboteur.layer());
+    Pipe pipe(seq, GPipeOptions(2).microbatches(4).checkpoint(mode));
+    // A batch of 7 in 4 micro-batches has rows 2, 2, 2, 1: only #3 has one.
+    saboteur.fail_backward_rows = 1;
+    const auto message = error_of([&] { pipe(torch::randn({7, 3})).sum().backward(); });
+    EXPECT_EQ(message, "gpipe: partition 1 failed on micro-batch 3 in backward: saboteur struck in backward")
+        << gpipe::to_string(mode);
+    saboteur.fail_backward_rows = -1;
+    pipe(torch::randn({8, 3})).sum().backward();
+  }
+}
+
+TEST(Faults, DoubleBackwardIsRejectedClearly) {
+  Pipe pipe(make_mlp(2, 3), GPipeOptions(2));
+  const auto x = torch::randn({2, 3}, torch::requires_grad());
+  const auto out = pipe(x).pow(2).sum();
+  EXPECT_EQ(
+      error_of([&] { torch::autograd::grad({out}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true); }),
+      "gpipe: double backward through a pipe is not supported (call backward without create_graph=true)");
+}
+
+// The workers that run devices concurrently, exercised without a GPU.
+TEST(Workers, TasksOnDifferentWorkersRunAtTheSameTime) {
+  gpipe::detail::Worker first, second;
+  std::atomic<int> running{0};
+  std::atomic<int> most{0};
+  auto task = [&] {
+    const int now = ++running;
+    int seen = most.load();
+    while (now > seen && !most.compare_exchange_weak(seen, now)) {
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    --running;
+  };
+  std::vector<gpipe::detail::DeviceTask> tasks = {
+      {&first, torch::kCPU, task}, {&second, torch::kCPU, task}, {nullptr, torch::kCPU, task}};
+  const auto start = std::chrono::steady_clock::now();
+  gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(most.load(), 3);
+  EXPECT_LT(elapsed, std::chrono::milliseconds(290));
+}
+
+TEST(Workers, TheFirstFailureByTaskOrderIsRethrownAfterAllTasksFinish) {
+  gpipe::detail::Worker first, second;
+  std::atomic<bool> slow_finished{false};
+  std::vector<gpipe::detail::DeviceTask> tasks = {
+      {&first, torch::kCPU, [] { throw std::runtime_error("first"); }},
+      {&second, torch::kCPU, [&] {
+         std::this_thread::sleep_for(std::chrono::milliseconds(50));
+         slow_finished = true;
+       }},
+      {nullptr, torch::kCPU, [] { throw std::runtime_error("third"); }}};
+  try {
+    gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+    FAIL() << "expected an exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "first");
+  }
+  EXPECT_TRUE(slow_finished);
+}
+
+TEST(Workers, WorkersSeeTheCallersGradMode) {
+  gpipe::detail::Worker worker;
+  bool seen = true;
+  std::vector<gpipe::detail::DeviceTask> tasks = {
+      {&worker, torch::kCPU, [&] { seen = torch::GradMode::is_enabled(); }}};
+  torch::NoGradGuard no_grad;
+  gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+  EXPECT_FALSE(seen);
+}

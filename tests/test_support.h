@@ -1,0 +1,87 @@
+// Helpers shared by the tests: models, plain-training references, comparisons.
+#pragma once
+
+#include <gpipe/gpipe.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+namespace gpipe_test {
+
+/// Linear/Tanh layers, `layers` of each: a model every partition count fits.
+inline torch::nn::Sequential make_mlp(int64_t layers, int64_t width, uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  torch::nn::Sequential seq;
+  for (int64_t l = 0; l < layers; ++l) {
+    seq->push_back(torch::nn::Linear(width, width));
+    seq->push_back(torch::nn::Tanh());
+  }
+  return seq;
+}
+
+/// A deep copy: the plain-training reference with the very same weights.
+inline torch::nn::Sequential clone_of(const torch::nn::Sequential& seq) {
+  return std::dynamic_pointer_cast<torch::nn::SequentialImpl>(seq->clone());
+}
+
+inline std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& parameters) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : parameters) {
+    grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
+  }
+  return grads;
+}
+
+/// The largest absolute difference between two tensors of one shape.
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kCPU) - b.to(torch::kCPU)).abs().max().item<double>();
+}
+
+inline void expect_close(
+    const std::vector<torch::Tensor>& actual,
+    const std::vector<torch::Tensor>& expected,
+    double tolerance,
+    const std::string& what) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  for (size_t k = 0; k < actual.size(); ++k) {
+    ASSERT_EQ(actual[k].defined(), expected[k].defined()) << what << " #" << k;
+    if (actual[k].defined()) {
+      EXPECT_LE(max_abs_diff(actual[k], expected[k]), tolerance) << what << " #" << k;
+    }
+  }
+}
+
+inline void expect_identical(
+    const std::vector<torch::Tensor>& actual,
+    const std::vector<torch::Tensor>& expected,
+    const std::string& what) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  for (size_t k = 0; k < actual.size(); ++k) {
+    EXPECT_TRUE(torch::equal(actual[k], expected[k])) << what << " #" << k;
+  }
+}
+
+/// The message of a c10::Error without its backtrace.
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "(no error)";
+}
+
+/// A layer made of a function, for tests that need a layer to misbehave.
+inline torch::nn::Functional layer(std::function<torch::Tensor(torch::Tensor)> fn) {
+  return torch::nn::Functional(std::move(fn));
+}
+
+inline bool cuda_available() {
+  return torch::cuda::is_available();
+}
+
+} // namespace gpipe_test
