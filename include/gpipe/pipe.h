@@ -14,6 +14,7 @@
 #include <gpipe/detail/worker.h>
 #include <gpipe/options.h>
 #include <gpipe/schedule.h>
+#include <gpipe/timeline.h>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/nn/module.h>
@@ -81,19 +82,25 @@ class GPipeImpl : public torch::nn::Module {
       const auto& device = options.devices()[static_cast<size_t>(j)];
       const detail::CellIndex cell{i, j};
       torch::Tensor x = detail::with_cell_context(cell, "forward", [&] {
-        return transport_.send(activations[static_cast<size_t>(i)], device);
+        const auto& from = activations[static_cast<size_t>(i)];
+        if (from.device() == device) {
+          return from;
+        }
+        detail::TimelineScope recording(timeline_.get(), j, i, Phase::Copy, device);
+        return transport_.send(from, device);
       });
       const auto& params = parameters[static_cast<size_t>(j)];
       if (!needs_graph || (!x.requires_grad() && params.empty())) {
+        detail::TimelineScope recording(timeline_.get(), j, i, Phase::Forward, device);
         activations[static_cast<size_t>(i)] = detail::with_cell_context(
             cell, "forward", [&] { return partitions_[static_cast<size_t>(j)]->forward(x); });
         return;
       }
       auto state = c10::make_intrusive<detail::StageState>(
-          partitions_[static_cast<size_t>(j)], cell, checkpointed(i, m));
+          partitions_[static_cast<size_t>(j)], cell, device, checkpointed(i, m), timeline_);
       state->parameters = params;
       activations[static_cast<size_t>(i)] = detail::with_cell_context(cell, "forward", [&] {
-        return detail::StageFunction::apply(state, device, x, at::TensorList(params))[0];
+        return detail::StageFunction::apply(state, x, at::TensorList(params))[0];
       });
     };
 
@@ -128,6 +135,15 @@ class GPipeImpl : public torch::nn::Module {
       stream << (j ? ", " : "") << options.devices()[j];
     }
     stream << "])";
+  }
+
+  /// Records every slice of later steps into `timeline` (null: stop).
+  void set_timeline(std::shared_ptr<Timeline> timeline) {
+    timeline_ = std::move(timeline);
+  }
+
+  const std::shared_ptr<Timeline>& timeline() const {
+    return timeline_;
   }
 
   /// The partitions, each a Sequential sharing the wrapped one's modules.
@@ -236,6 +252,7 @@ class GPipeImpl : public torch::nn::Module {
   std::vector<torch::Device> unique_devices_;
   std::vector<std::unique_ptr<detail::Worker>> workers_;
   detail::LocalTransport transport_;
+  std::shared_ptr<Timeline> timeline_;
 };
 
 /// A ModuleHolder for GPipeImpl (TORCH_MODULE cannot wrap a template).

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <gpipe/detail/rng.h>
+#include <gpipe/timeline.h>
 
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
@@ -33,6 +34,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -78,12 +80,23 @@ decltype(auto) with_cell_context(const CellIndex& cell, const char* phase, Fn&& 
 
 /// What one cell keeps between its forward and its backward.
 struct StageState : torch::CustomClassHolder {
-  StageState(torch::nn::Sequential partition_, CellIndex cell_, bool checkpointed_)
-      : partition(std::move(partition_)), cell(cell_), checkpointed(checkpointed_) {}
+  StageState(
+      torch::nn::Sequential partition_,
+      CellIndex cell_,
+      torch::Device device_,
+      bool checkpointed_,
+      std::shared_ptr<Timeline> timeline_)
+      : partition(std::move(partition_)),
+        cell(cell_),
+        device(device_),
+        checkpointed(checkpointed_),
+        timeline(std::move(timeline_)) {}
 
   torch::nn::Sequential partition;
   CellIndex cell;
+  torch::Device device;
   bool checkpointed;
+  std::shared_ptr<Timeline> timeline; // null: record nothing
   /// The partition's parameters that require grad, in the order they were
   /// passed to the Function (their gradients come back in that order).
   std::vector<torch::Tensor> parameters;
@@ -103,7 +116,12 @@ struct StageState : torch::CustomClassHolder {
     output = partition->forward(leaf);
   }
 
-  torch::Tensor forward(const torch::Tensor& x, const torch::Device& device) {
+  TimelineScope scope(Phase phase) const {
+    return TimelineScope(timeline.get(), cell.partition, cell.microbatch, phase, device);
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) {
+    TimelineScope recording = scope(Phase::Forward);
     input_requires_grad = x.requires_grad();
     if (checkpointed) {
       rng = RngSnapshot::capture(device);
@@ -118,9 +136,11 @@ struct StageState : torch::CustomClassHolder {
   /// Gradients for [input, parameters...]; undefined where there is none.
   std::vector<torch::Tensor> backward(const torch::Tensor& grad_output, bool keep_graph) {
     if (checkpointed) {
+      TimelineScope recording = scope(Phase::Recompute);
       RngReplayGuard replay(*rng);
       build_graph(input);
     }
+    TimelineScope recording = scope(Phase::Backward);
     std::vector<torch::Tensor> grads(1 + parameters.size());
     if (grad_output.defined() && output.requires_grad()) {
       std::vector<torch::Tensor> wrt;
@@ -155,11 +175,10 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx,
       c10::intrusive_ptr<StageState> state,
-      torch::Device device,
       const torch::Tensor& x,
       at::TensorList /*parameters: inputs so their gradients flow out*/) {
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
-    return {state->forward(x, device)};
+    return {state->forward(x)};
   }
 
   static torch::autograd::variable_list backward(
@@ -176,9 +195,8 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
       return state->backward(grad_outputs[0], keep_graph);
     });
     torch::autograd::variable_list result;
-    result.reserve(2 + grads.size());
+    result.reserve(1 + grads.size());
     result.emplace_back(); // state
-    result.emplace_back(); // device
     for (auto& grad : grads) {
       result.push_back(std::move(grad));
     }
