@@ -69,3 +69,115 @@ TEST(ClockCycles, RejectsZeroMicrobatchesOrPartitions) {
       "gpipe: clock_cycles needs at least one micro-batch and one partition (m: 0, n: 2)");
   EXPECT_THROW(clock_cycles(2, 0), c10::Error);
 }
+
+using gpipe::Action;
+using gpipe::Schedule;
+
+namespace {
+Action F(int64_t i) {
+  return Action::forward(i);
+}
+Action B(int64_t i) {
+  return Action::backward(i);
+}
+} // namespace
+
+TEST(ScheduleActions, FillDrainRunsEveryForwardThenBackwardsInReverse) {
+  const gpipe::PartitionActions expected = {{F(0), F(1), F(2), B(2), B(1), B(0)}, {F(0), F(1), F(2), B(2), B(1), B(0)}};
+  EXPECT_EQ(gpipe::schedule_actions(Schedule::FillDrain, 3, 2), expected);
+}
+
+TEST(ScheduleActions, OneFOneBWarmsUpThenAlternatesThenDrains) {
+  // clang-format off
+  const gpipe::PartitionActions expected = {
+      {F(0), F(1), F(2), F(3), B(0), F(4), B(1), F(5), B(2), B(3), B(4), B(5)},
+      {F(0), F(1), F(2), B(0), F(3), B(1), F(4), B(2), F(5), B(3), B(4), B(5)},
+      {F(0), F(1), B(0), F(2), B(1), F(3), B(2), F(4), B(3), F(5), B(4), B(5)},
+      {F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3), F(4), B(4), F(5), B(5)},
+  };
+  // clang-format on
+  EXPECT_EQ(gpipe::schedule_actions(Schedule::OneFOneB, 6, 4), expected);
+}
+
+TEST(ScheduleActions, OneFOneBWithFewerMicrobatchesThanPartitionsCutsTheWarmUp) {
+  const auto actions = gpipe::schedule_actions(Schedule::OneFOneB, 2, 4);
+  EXPECT_EQ(actions[0], (std::vector<Action>{F(0), F(1), B(0), B(1)}));
+  EXPECT_EQ(actions[3], (std::vector<Action>{F(0), B(0), F(1), B(1)}));
+}
+
+TEST(Lockstep, OneFOneBOnFourPartitionsLaysOutAsTheTextbookGrid) {
+  const auto grid = gpipe::lockstep(gpipe::schedule_actions(Schedule::OneFOneB, 4, 4), 4, 4);
+  EXPECT_EQ(
+      gpipe::format_grid(grid, 4),
+      "step  p0    p1    p2    p3  \n"
+      "   0  F0    .     .     .   \n"
+      "   1  F1    F0    .     .   \n"
+      "   2  F2    F1    F0    .   \n"
+      "   3  F3    F2    F1    F0  \n"
+      "   4  .     .     .     B0  \n"
+      "   5  .     .     B0    F1  \n"
+      "   6  .     B0    F2    B1  \n"
+      "   7  B0    F3    B1    F2  \n"
+      "   8  .     B1    F3    B2  \n"
+      "   9  B1    .     B2    F3  \n"
+      "  10  .     B2    .     B3  \n"
+      "  11  B2    .     B3    .   \n"
+      "  12  .     B3    .     .   \n"
+      "  13  B3    .     .     .   \n");
+}
+
+TEST(Lockstep, AcceptsEveryGeneratedScheduleUpToEightPartitionsAndThirtyTwoMicrobatches) {
+  for (const auto schedule : {Schedule::FillDrain, Schedule::OneFOneB}) {
+    for (int64_t n = 1; n <= 8; ++n) {
+      for (int64_t m = 1; m <= 32; ++m) {
+        const auto grid = gpipe::lockstep(gpipe::schedule_actions(schedule, m, n), m, n);
+        // Both schedules keep the fill-drain bubble: 2 (m + n - 1) steps.
+        EXPECT_EQ(static_cast<int64_t>(grid.size()), 2 * (m + n - 1)) << gpipe::to_string(schedule) << " m " << m << " n " << n;
+      }
+    }
+  }
+}
+
+TEST(Lockstep, OneFOneBKeepsAtMostNMinusJMicrobatchesInFlight) {
+  const int64_t m = 16;
+  const int64_t n = 4;
+  const auto actions = gpipe::schedule_actions(Schedule::OneFOneB, m, n);
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t in_flight = 0;
+    int64_t most = 0;
+    for (const auto& action : actions[static_cast<size_t>(j)]) {
+      in_flight += action.kind == Action::Kind::Forward ? 1 : -1;
+      most = std::max(most, in_flight);
+    }
+    EXPECT_EQ(most, n - j);
+  }
+}
+
+TEST(Lockstep, RejectsABackwardBeforeItsForward) {
+  const gpipe::PartitionActions bad = {{B(0), F(0)}};
+  EXPECT_EQ(
+      gpipe_test::error_of([&] { gpipe::lockstep(bad, 1, 1); }),
+      "gpipe: invalid schedule: partition 0: B0 comes before its forward\nstep  p0  \n");
+}
+
+TEST(Lockstep, RejectsAMissingOrRepeatedAction) {
+  const gpipe::PartitionActions missing = {{F(0), F(1), B(1)}, {F(0), F(1), B(1), B(0)}};
+  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(missing, 2, 2); }).find("partition 0: B0 is missing"), std::string::npos);
+  const gpipe::PartitionActions repeated = {{F(0), F(0), B(0)}};
+  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(repeated, 1, 1); }).find("partition 0: F0 appears twice"), std::string::npos);
+  const gpipe::PartitionActions out_of_range = {{F(0), F(2), B(0)}};
+  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(out_of_range, 1, 1); }).find("F2 is out of range"), std::string::npos);
+  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep({}, 1, 1); }).find("actions for 0 partitions, expected 1"), std::string::npos);
+}
+
+TEST(Lockstep, RejectsAnOrderThatDeadlocksAndPrintsTheGridSoFar) {
+  // Partition 0 wants B0 before F1; partition 1 needs F1 before it can
+  // produce B0: each waits for the other.
+  const gpipe::PartitionActions bad = {{F(0), B(0), F(1), B(1)}, {F(0), F(1), B(0), B(1)}};
+  EXPECT_EQ(
+      gpipe_test::error_of([&] { gpipe::lockstep(bad, 2, 2); }),
+      "gpipe: invalid schedule: deadlock at step 2 (p0 waits at B0, p1 waits at F1)\n"
+      "step  p0    p1  \n"
+      "   0  F0    .   \n"
+      "   1  .     F0  \n");
+}

@@ -40,6 +40,8 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kCPU) - b.to(torch::kCPU)).abs().max().item<double>();
 }
 
+/// Equal up to float summation order: within `tolerance` of the largest
+/// magnitude in `expected` (or absolutely, where that is below one).
 inline void expect_close(
     const std::vector<torch::Tensor>& actual,
     const std::vector<torch::Tensor>& expected,
@@ -49,7 +51,8 @@ inline void expect_close(
   for (size_t k = 0; k < actual.size(); ++k) {
     ASSERT_EQ(actual[k].defined(), expected[k].defined()) << what << " #" << k;
     if (actual[k].defined()) {
-      EXPECT_LE(max_abs_diff(actual[k], expected[k]), tolerance) << what << " #" << k;
+      const double scale = std::max(1.0, expected[k].abs().max().item<double>());
+      EXPECT_LE(max_abs_diff(actual[k], expected[k]), tolerance * scale) << what << " #" << k;
     }
   }
 }

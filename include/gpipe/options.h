@@ -4,6 +4,8 @@
 // the paper's knobs.
 #pragma once
 
+#include <gpipe/schedule.h>
+
 #include <torch/arg.h>
 #include <torch/types.h>
 
@@ -41,6 +43,24 @@ inline std::ostream& operator<<(std::ostream& os, Checkpoint mode) {
   return os << to_string(mode);
 }
 
+/// How `step` combines the per-micro-batch losses into the batch's loss.
+enum class Reduction {
+  /// loss_fn is a mean over its micro-batch: each micro-batch's loss is
+  /// weighted by its share of the batch, so uneven micro-batches give exactly
+  /// the mean over the whole batch.
+  Mean,
+  /// loss_fn is a sum over its micro-batch: the losses are added.
+  Sum,
+};
+
+inline const char* to_string(Reduction reduction) {
+  return reduction == Reduction::Mean ? "mean" : "sum";
+}
+
+inline std::ostream& operator<<(std::ostream& os, Reduction reduction) {
+  return os << to_string(reduction);
+}
+
 struct GPipeOptions {
   /* implicit */ GPipeOptions(int64_t partitions) : partitions_(partitions) {}
 
@@ -56,6 +76,16 @@ struct GPipeOptions {
   /// One device per partition; empty puts partition j on CUDA device
   /// j mod (visible devices), or on the CPU when there is no GPU.
   TORCH_ARG(std::vector<torch::Device>, devices) = {};
+  /// The order of forwards and backwards in `step` (`forward` then
+  /// `backward()` is always fill-drain).
+  TORCH_ARG(Schedule, schedule) = Schedule::FillDrain;
+  /// How `step` combines micro-batch losses.
+  TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
+  /// Give every CPU partition a thread of its own, so CPU partitions run at
+  /// the same time like partitions on different GPUs do. Off by default:
+  /// all CPU partitions draw from the one CPU generator, and concurrent
+  /// draws make dropout masks depend on thread timing.
+  TORCH_ARG(bool, concurrent_cpu_partitions) = false;
 };
 
 } // namespace gpipe
