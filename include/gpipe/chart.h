@@ -1,0 +1,458 @@
+// Pictures and tables of a pipeline: the schedule GPipe promises, the one a
+// pipe actually ran, and a summary of measured configurations.
+//
+// Why these live in the library: the first thing a reader of a pipeline wants
+// is to see it, the paper's Gantt chart of forward fill-drain and backward in
+// reverse, and the second is to hold a real run against it. Both are drawn
+// from one kind of data, a layout (rows of slices with a start and a
+// duration), so the theoretical schedule (in clock ticks) and a measured
+// Timeline (in milliseconds) render the same way and are tested as data,
+// not pixels. The SVG and the JSON are plain string building: no plotting or
+// JSON library. These are the C++ forms of the seed notebook's
+// `plot_pipeline_schedule` and `summarize_results`.
+#pragma once
+
+#include <gpipe/timeline.h>
+#include <gpipe/trace.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gpipe {
+
+/// One box of a schedule chart: `row` (a partition) did `phase` for
+/// `microbatch` from `start` for `duration` (in the layout's unit).
+struct ScheduleSlice {
+  int64_t row = 0;
+  int64_t microbatch = 0;
+  Phase phase = Phase::Forward;
+  double start = 0;
+  double duration = 0;
+};
+
+/// What a schedule chart draws: labelled rows and their slices.
+struct ScheduleLayout {
+  std::string title;
+  /// The unit of start and duration, for the axis ("tick", "ms").
+  std::string unit;
+  std::vector<std::string> row_labels;
+  std::vector<ScheduleSlice> slices;
+
+  /// The end of the last slice.
+  double span() const {
+    double end = 0;
+    for (const auto& slice : slices) {
+      end = std::max(end, slice.start + slice.duration);
+    }
+    return end;
+  }
+};
+
+namespace detail {
+
+inline void check_pipe_shape(int64_t partitions, int64_t microbatches, const char* what) {
+  TORCH_CHECK(
+      partitions >= 1 && microbatches >= 1,
+      "gpipe: ",
+      what,
+      " needs at least one partition and one micro-batch (partitions: ",
+      partitions,
+      ", microbatches: ",
+      microbatches,
+      ")");
+}
+
+} // namespace detail
+
+/// The paper's efficiency of a K-stage pipe fed M micro-batches: M/(M+K-1).
+inline double pipeline_efficiency(int64_t partitions, int64_t microbatches) {
+  detail::check_pipe_shape(partitions, microbatches, "efficiency");
+  return static_cast<double>(microbatches) / static_cast<double>(microbatches + partitions - 1);
+}
+
+/// The share of the schedule each stage sits idle: (K-1)/(M+K-1).
+inline double bubble_fraction(int64_t partitions, int64_t microbatches) {
+  return 1.0 - pipeline_efficiency(partitions, microbatches);
+}
+
+/// The fill-drain schedule of K partitions and M micro-batches, one tick per
+/// cell: forward (i, j) at tick i + j, then backward in reverse, (i, j) at
+/// tick (M + K - 1) + (M - 1 - i) + (K - 1 - j). 2·K·M slices over
+/// 2·(M + K - 1) ticks.
+inline ScheduleLayout theoretical_schedule(int64_t partitions, int64_t microbatches) {
+  detail::check_pipe_shape(partitions, microbatches, "a schedule");
+  ScheduleLayout layout;
+  layout.title = "GPipe schedule, theory (K=" + std::to_string(partitions) +
+      ", M=" + std::to_string(microbatches) + ")";
+  layout.unit = "tick";
+  for (int64_t j = 0; j < partitions; ++j) {
+    layout.row_labels.push_back("partition " + std::to_string(j));
+  }
+  const int64_t ticks = microbatches + partitions - 1;
+  for (int64_t i = 0; i < microbatches; ++i) {
+    for (int64_t j = 0; j < partitions; ++j) {
+      layout.slices.push_back({j, i, Phase::Forward, static_cast<double>(i + j), 1.0});
+    }
+  }
+  for (int64_t i = microbatches - 1; i >= 0; --i) {
+    for (int64_t j = partitions - 1; j >= 0; --j) {
+      const int64_t tick = ticks + (microbatches - 1 - i) + (partitions - 1 - j);
+      layout.slices.push_back({j, i, Phase::Backward, static_cast<double>(tick), 1.0});
+    }
+  }
+  return layout;
+}
+
+/// A Timeline's slices as a layout: one row per partition, times in
+/// milliseconds from the first slice's start.
+inline ScheduleLayout measured_schedule(
+    const std::vector<TimelineEvent>& events,
+    const std::string& title = "GPipe schedule, measured") {
+  ScheduleLayout layout;
+  layout.title = title;
+  layout.unit = "ms";
+  if (events.empty()) {
+    return layout;
+  }
+  double origin = std::numeric_limits<double>::infinity();
+  int64_t rows = 0;
+  for (const auto& event : events) {
+    origin = std::min(origin, event.start_us);
+    rows = std::max(rows, event.partition + 1);
+  }
+  std::vector<std::string> device_of_row(static_cast<size_t>(rows));
+  for (const auto& event : events) {
+    auto& device = device_of_row[static_cast<size_t>(event.partition)];
+    if (device.empty() && event.phase != Phase::Copy) {
+      device = event.device.str();
+    }
+    layout.slices.push_back(
+        {event.partition,
+         event.microbatch,
+         event.phase,
+         (event.start_us - origin) / 1000.0,
+         std::max(0.0, event.end_us - event.start_us) / 1000.0});
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    const auto& device = device_of_row[static_cast<size_t>(j)];
+    layout.row_labels.push_back(
+        "partition " + std::to_string(j) + (device.empty() ? "" : " (" + device + ")"));
+  }
+  return layout;
+}
+
+/// The idle share of a layout: 1 - (busy time of all rows) / (rows · span),
+/// where busy is the union of a row's compute slices (copies do not count).
+inline double bubble_fraction(const ScheduleLayout& layout) {
+  const double span = layout.span();
+  const auto rows = layout.row_labels.size();
+  if (span <= 0 || rows == 0) {
+    return 0;
+  }
+  double busy = 0;
+  for (size_t row = 0; row < rows; ++row) {
+    std::vector<std::pair<double, double>> intervals;
+    for (const auto& slice : layout.slices) {
+      if (static_cast<size_t>(slice.row) == row && slice.phase != Phase::Copy) {
+        intervals.emplace_back(slice.start, slice.start + slice.duration);
+      }
+    }
+    std::sort(intervals.begin(), intervals.end());
+    double covered_to = -std::numeric_limits<double>::infinity();
+    for (const auto& interval : intervals) {
+      const double from = std::max(interval.first, covered_to);
+      if (interval.second > from) {
+        busy += interval.second - from;
+      }
+      covered_to = std::max(covered_to, interval.second);
+    }
+  }
+  return std::max(0.0, 1.0 - busy / (span * static_cast<double>(rows)));
+}
+
+namespace detail {
+
+inline const char* phase_color(Phase phase) {
+  switch (phase) {
+    case Phase::Forward:
+      return "#4c78a8";
+    case Phase::Backward:
+      return "#f58518";
+    case Phase::Recompute:
+      return "#b279a2";
+    case Phase::Copy:
+      return "#9d9d9d";
+  }
+  return "#000000";
+}
+
+/// `text` escaped for SVG/XML character data and attribute values.
+inline std::string xml_escape(const std::string& text) {
+  std::string out;
+  for (const char c : text) {
+    switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&apos;";
+        break;
+      default:
+        out.push_back(c);
+    }
+  }
+  return out;
+}
+
+inline std::string svg_number(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f", value);
+  return text;
+}
+
+/// A "nice" axis step (1, 2 or 5 times a power of ten) for about 6 ticks.
+inline double axis_step(double span) {
+  if (span <= 0) {
+    return 1;
+  }
+  const double raw = span / 6.0;
+  const double power = std::pow(10.0, std::floor(std::log10(raw)));
+  for (const double factor : {1.0, 2.0, 5.0, 10.0}) {
+    if (factor * power >= raw) {
+      return factor * power;
+    }
+  }
+  return 10 * power;
+}
+
+constexpr double kLabelWidth = 150;
+constexpr double kPlotWidth = 560;
+constexpr double kRowHeight = 26;
+constexpr double kTitleHeight = 34;
+constexpr double kAxisHeight = 34;
+constexpr double kPanelGap = 30;
+
+/// Draws one panel with its top-left corner at (x, y).
+inline std::string svg_panel(const ScheduleLayout& layout, double x, double y) {
+  std::string svg;
+  const double span = layout.span() > 0 ? layout.span() : 1;
+  const double rows = static_cast<double>(layout.row_labels.size());
+  const double plot_x = x + kLabelWidth;
+  const double plot_y = y + kTitleHeight;
+  auto x_of = [&](double t) { return plot_x + t / span * kPlotWidth; };
+
+  svg += "<text x=\"" + svg_number(x + 4) + "\" y=\"" + svg_number(y + 20) +
+      "\" font-size=\"15\" font-weight=\"bold\">" + xml_escape(layout.title) + "</text>\n";
+  for (size_t row = 0; row < layout.row_labels.size(); ++row) {
+    const double row_y = plot_y + static_cast<double>(row) * kRowHeight;
+    svg += "<rect x=\"" + svg_number(plot_x) + "\" y=\"" + svg_number(row_y) + "\" width=\"" +
+        svg_number(kPlotWidth) + "\" height=\"" + svg_number(kRowHeight) + "\" fill=\"" +
+        (row % 2 ? "#ffffff" : "#f4f4f4") + "\"/>\n";
+    svg += "<text x=\"" + svg_number(plot_x - 6) + "\" y=\"" + svg_number(row_y + kRowHeight / 2 + 4) +
+        "\" font-size=\"12\" text-anchor=\"end\">" + xml_escape(layout.row_labels[row]) + "</text>\n";
+  }
+  for (const auto& slice : layout.slices) {
+    const double left = x_of(slice.start);
+    const double width = std::max(0.5, x_of(slice.start + slice.duration) - left);
+    const double top = plot_y + static_cast<double>(slice.row) * kRowHeight + 2;
+    svg += "<rect x=\"" + svg_number(left) + "\" y=\"" + svg_number(top) + "\" width=\"" +
+        svg_number(width) + "\" height=\"" + svg_number(kRowHeight - 4) + "\" fill=\"" +
+        phase_color(slice.phase) + "\" stroke=\"#ffffff\" stroke-width=\"0.5\"><title>" +
+        xml_escape(slice_name(slice.phase, slice.microbatch) + " on row " + std::to_string(slice.row)) +
+        "</title></rect>\n";
+    const std::string label = std::to_string(slice.microbatch);
+    if (width >= 7.0 * static_cast<double>(label.size()) + 2) {
+      svg += "<text x=\"" + svg_number(left + width / 2) + "\" y=\"" + svg_number(top + kRowHeight / 2 + 2) +
+          "\" font-size=\"10\" fill=\"#ffffff\" text-anchor=\"middle\">" + label + "</text>\n";
+    }
+  }
+  const double axis_y = plot_y + rows * kRowHeight;
+  svg += "<line x1=\"" + svg_number(plot_x) + "\" y1=\"" + svg_number(axis_y) + "\" x2=\"" +
+      svg_number(plot_x + kPlotWidth) + "\" y2=\"" + svg_number(axis_y) + "\" stroke=\"#333333\"/>\n";
+  const double step = axis_step(span);
+  for (double t = 0; t <= span * (1 + 1e-9); t += step) {
+    char value[32];
+    std::snprintf(value, sizeof(value), step < 1 ? "%.2f" : "%.0f", t);
+    svg += "<line x1=\"" + svg_number(x_of(t)) + "\" y1=\"" + svg_number(axis_y) + "\" x2=\"" +
+        svg_number(x_of(t)) + "\" y2=\"" + svg_number(axis_y + 4) + "\" stroke=\"#333333\"/>\n";
+    svg += "<text x=\"" + svg_number(x_of(t)) + "\" y=\"" + svg_number(axis_y + 16) +
+        "\" font-size=\"10\" text-anchor=\"middle\">" + value + "</text>\n";
+  }
+  svg += "<text x=\"" + svg_number(plot_x + kPlotWidth) + "\" y=\"" + svg_number(axis_y + 30) +
+      "\" font-size=\"11\" text-anchor=\"end\">time (" + xml_escape(layout.unit) + ")</text>\n";
+  return svg;
+}
+
+} // namespace detail
+
+/// Draws `panels` side by side as one SVG, with a legend of the phases.
+inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
+  TORCH_CHECK(!panels.empty(), "gpipe: render_svg needs at least one layout (panels: 0)");
+  size_t rows = 1;
+  for (const auto& panel : panels) {
+    rows = std::max(rows, panel.row_labels.size());
+  }
+  const double panel_width = detail::kLabelWidth + detail::kPlotWidth;
+  const double width = static_cast<double>(panels.size()) * (panel_width + detail::kPanelGap) + 10;
+  const double legend_y = detail::kTitleHeight + static_cast<double>(rows) * detail::kRowHeight +
+      detail::kAxisHeight + 14;
+  const double height = legend_y + 30;
+  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + detail::svg_number(width) +
+      "\" height=\"" + detail::svg_number(height) + "\" viewBox=\"0 0 " + detail::svg_number(width) + " " +
+      detail::svg_number(height) + "\" font-family=\"Helvetica, Arial, sans-serif\">\n";
+  svg += "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n";
+  for (size_t p = 0; p < panels.size(); ++p) {
+    svg += detail::svg_panel(panels[p], 10 + static_cast<double>(p) * (panel_width + detail::kPanelGap), 4);
+  }
+  double legend_x = 10 + detail::kLabelWidth;
+  for (const auto phase : {Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy}) {
+    svg += "<rect x=\"" + detail::svg_number(legend_x) + "\" y=\"" + detail::svg_number(legend_y) +
+        "\" width=\"14\" height=\"14\" fill=\"" + detail::phase_color(phase) + "\"/>\n";
+    svg += "<text x=\"" + detail::svg_number(legend_x + 20) + "\" y=\"" + detail::svg_number(legend_y + 12) +
+        "\" font-size=\"12\">" + to_string(phase) + "</text>\n";
+    legend_x += 110;
+  }
+  svg += "<text x=\"" + detail::svg_number(legend_x + 10) + "\" y=\"" + detail::svg_number(legend_y + 12) +
+      "\" font-size=\"12\" fill=\"#555555\">number in a box: micro-batch</text>\n";
+  svg += "</svg>\n";
+  return svg;
+}
+
+/// Writes `render_svg(panels)` to `path`.
+inline void write_svg(const std::vector<ScheduleLayout>& panels, const std::string& path) {
+  detail::write_text_file(path, render_svg(panels), "SVG");
+}
+
+/// Draws the theoretical schedule of K partitions and M micro-batches into
+/// `output_dir`/pipeline_schedule_K<K>_M<M>.svg and returns that path (the
+/// seed notebook's `plot_pipeline_schedule`). The folder must exist.
+inline std::string plot_pipeline_schedule(
+    int64_t partitions,
+    int64_t microbatches,
+    const std::string& output_dir) {
+  const std::string path = output_dir + "/pipeline_schedule_K" + std::to_string(partitions) + "_M" +
+      std::to_string(microbatches) + ".svg";
+  write_svg({theoretical_schedule(partitions, microbatches)}, path);
+  return path;
+}
+
+/// One measured configuration, a row of `summarize_results`.
+struct RunResult {
+  /// "plain", or the pipe's checkpoint mode ("never", "except_last", ...).
+  std::string mode;
+  std::string device;
+  int64_t batch = 0;
+  int64_t partitions = 1;
+  int64_t microbatches = 1;
+  /// Median wall time of a training step (forward, loss, backward).
+  double step_ms = std::numeric_limits<double>::quiet_NaN();
+  /// Peak bytes allocated during a step, summed over the devices.
+  int64_t peak_bytes = 0;
+  /// The peak minus parameters and gradients.
+  int64_t activation_bytes = 0;
+  /// The theoretical bubble (K-1)/(M+K-1).
+  double bubble = std::numeric_limits<double>::quiet_NaN();
+  /// The bubble of a measured timeline, NaN where none was recorded.
+  double measured_bubble = std::numeric_limits<double>::quiet_NaN();
+};
+
+namespace detail {
+
+inline std::string format_cell(const char* format, double value) {
+  if (!std::isfinite(value)) {
+    return "-";
+  }
+  char text[64];
+  std::snprintf(text, sizeof(text), format, value);
+  return text;
+}
+
+inline double megabytes(int64_t bytes) {
+  return static_cast<double>(bytes) / (1024.0 * 1024.0);
+}
+
+} // namespace detail
+
+/// `results` as an aligned text table, one row per configuration (the seed
+/// notebook's `summarize_results`). Sizes in MiB.
+inline std::string summarize_results(const std::vector<RunResult>& results) {
+  const std::vector<std::string> header = {
+      "mode", "device", "batch", "K", "M", "step ms", "peak MiB", "activ. MiB", "bubble", "measured bubble"};
+  std::vector<std::vector<std::string>> table = {header};
+  for (const auto& r : results) {
+    table.push_back(
+        {r.mode,
+         r.device,
+         std::to_string(r.batch),
+         std::to_string(r.partitions),
+         std::to_string(r.microbatches),
+         detail::format_cell("%.2f", r.step_ms),
+         detail::format_cell("%.1f", detail::megabytes(r.peak_bytes)),
+         detail::format_cell("%.1f", detail::megabytes(r.activation_bytes)),
+         detail::format_cell("%.1f%%", 100 * r.bubble),
+         detail::format_cell("%.1f%%", 100 * r.measured_bubble)});
+  }
+  std::vector<size_t> widths(header.size(), 0);
+  for (const auto& row : table) {
+    for (size_t c = 0; c < row.size(); ++c) {
+      widths[c] = std::max(widths[c], row[c].size());
+    }
+  }
+  std::string text;
+  for (size_t r = 0; r < table.size(); ++r) {
+    for (size_t c = 0; c < table[r].size(); ++c) {
+      const auto& cell = table[r][c];
+      const std::string pad(widths[c] - cell.size(), ' ');
+      // Text columns align left, numbers right.
+      text += (c < 2 ? cell + pad : pad + cell) + (c + 1 < table[r].size() ? "  " : "");
+    }
+    text += "\n";
+    if (r == 0) {
+      size_t total = 0;
+      for (const auto w : widths) {
+        total += w + 2;
+      }
+      text += std::string(total - 2, '-') + "\n";
+    }
+  }
+  return text;
+}
+
+/// `results` as a JSON array of objects, for machines.
+inline std::string results_json(const std::vector<RunResult>& results) {
+  std::string json = "[";
+  for (size_t k = 0; k < results.size(); ++k) {
+    const auto& r = results[k];
+    json += std::string(k ? "," : "") + "\n  {\"mode\": " + detail::json_string(r.mode) +
+        ", \"device\": " + detail::json_string(r.device) + ", \"batch\": " + std::to_string(r.batch) +
+        ", \"partitions\": " + std::to_string(r.partitions) +
+        ", \"microbatches\": " + std::to_string(r.microbatches) +
+        ", \"step_ms\": " + detail::json_number(r.step_ms, 4) +
+        ", \"peak_bytes\": " + std::to_string(r.peak_bytes) +
+        ", \"activation_bytes\": " + std::to_string(r.activation_bytes) +
+        ", \"bubble\": " + detail::json_number(r.bubble, 6) +
+        ", \"measured_bubble\": " + detail::json_number(r.measured_bubble, 6) + "}";
+  }
+  json += results.empty() ? "]\n" : "\n]\n";
+  return json;
+}
+
+} // namespace gpipe
