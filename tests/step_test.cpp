@@ -203,3 +203,38 @@ TEST(Step, AFailingLossLeavesThePipeUsable) {
   fail = false;
   EXPECT_TRUE(pipe->step(torch::randn({4, 3}), torch::randn({4, 3}), loss_fn).defined());
 }
+
+TEST(Step, OneFOneBKeepsAThirdOfFillDrainsActivationsAtSixteenMicrobatches) {
+  // The configuration: 32 x (Linear(256, 256), Tanh), batch 1024,
+  // K=4, M=16, no checkpointing, measured exactly by the counting allocator.
+  // The ideal ratio is K/M = 0.25; the bound leaves room for what is not
+  // per micro-batch (the input, the target, the gradient buffers in flight).
+  gpipe::track_cpu_memory();
+  auto activation_peak = [](Schedule schedule) {
+    torch::manual_seed(0);
+    torch::nn::Sequential seq;
+    for (int l = 0; l < 32; ++l) {
+      seq->push_back(torch::nn::Linear(256, 256));
+      seq->push_back(torch::nn::Tanh());
+    }
+    Pipe pipe(seq, GPipeOptions(4).microbatches(16).checkpoint(Checkpoint::Never).schedule(schedule));
+    for (auto& p : seq->parameters()) {
+      p.mutable_grad() = torch::zeros_like(p);
+    }
+    const auto x = torch::randn({1024, 256});
+    const auto y = torch::randn({1024, 256});
+    gpipe::MemoryMeter meter({torch::kCPU});
+    pipe->step(x, y, [](const auto& out, const auto& t) { return torch::mse_loss(out, t); });
+    return meter.peak_increase_bytes(torch::kCPU);
+  };
+  const auto fill_drain = activation_peak(Schedule::FillDrain);
+  const auto one_f_one_b = activation_peak(Schedule::OneFOneB);
+  std::cout << "activation peak: fill_drain " << fill_drain << " B, 1f1b " << one_f_one_b << " B, ratio "
+            << static_cast<double>(one_f_one_b) / static_cast<double>(fill_drain) << std::endl;
+  // Fill-drain keeps every micro-batch's saved tensors: at least one 1 MiB
+  // tensor per layer pair (each Tanh output, which is also the next Linear's
+  // saved input).
+  EXPECT_GT(fill_drain, 32 * (1 << 20));
+  EXPECT_LE(static_cast<double>(one_f_one_b), 0.35 * static_cast<double>(fill_drain))
+      << "fill_drain " << fill_drain << " B, 1f1b " << one_f_one_b << " B";
+}

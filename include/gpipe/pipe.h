@@ -43,11 +43,7 @@ class GPipeImpl : public torch::nn::Module {
  public:
   GPipeImpl(const SequentialT& sequential, GPipeOptions options_) : options(std::move(options_)) {
     TORCH_CHECK(!sequential.is_empty(), "gpipe: GPipe needs a Sequential, got an empty holder");
-    TORCH_CHECK(
-        options.microbatches() >= 1,
-        "gpipe: microbatches must be at least 1 (microbatches: ",
-        options.microbatches(),
-        ")");
+    detail::check_microbatches(options.microbatches());
     options.balance(detail::resolve_balance(
         static_cast<int64_t>(sequential->size()), options.partitions(), options.balance()));
     options.devices(detail::resolve_devices(options.partitions(), options.devices()));

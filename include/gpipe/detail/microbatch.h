@@ -39,8 +39,17 @@ inline void check_batch(const torch::Tensor& input, const char* what) {
       ")");
 }
 
+inline void check_microbatches(int64_t microbatches) {
+  TORCH_CHECK(
+      microbatches >= 1,
+      "gpipe: microbatches must be at least 1 (microbatches: ",
+      microbatches,
+      ")");
+}
+
 /// min(microbatches, batch) pieces along dim 0, sizes differing by at most one.
 inline std::vector<torch::Tensor> scatter(const torch::Tensor& input, int64_t microbatches) {
+  check_microbatches(microbatches);
   check_batch(input, "input");
   return torch::tensor_split(input, std::min(microbatches, input.size(0)), /*dim=*/0);
 }
