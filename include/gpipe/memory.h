@@ -108,7 +108,14 @@ class CountingCpuAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(self->mutex_);
       const auto found = self->blocks_.find(data);
-      TORCH_INTERNAL_ASSERT(found != self->blocks_.end(), "gpipe: freeing a CPU block the counter never saw");
+      if (found == self->blocks_.end()) {
+        // Raw memory from before the counter was installed, freed through
+        // `GetCPUAllocator()->raw_deallocate`: its original deleter frees it.
+        const auto original = self->wrapped_->raw_deleter();
+        TORCH_INTERNAL_ASSERT(original != nullptr, "gpipe: freeing a CPU block the counter never saw");
+        original(data);
+        return;
+      }
       self->live_.fetch_sub(found->second.bytes);
       inner = std::move(found->second.inner);
       self->blocks_.erase(found);
