@@ -453,6 +453,30 @@ void step_pictures(Tour& tour) {
               << "             run, whatever M is. The overlap the theory draws needs one device per partition.\n";
   }
   tour.measured_bubble = measured_bubble;
+
+  // The same step through step() on both schedules: 1F1B interleaves the
+  // backwards into the forwards and so keeps fewer micro-batches alive.
+  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) { return torch::mse_loss(out, target); };
+  for (const auto schedule : {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
+    pipe->options.schedule(schedule);
+    pipe->step(x, y, loss_fn); // warm-up, not recorded
+    synchronize(tour.unique_devices);
+    auto step_timeline = std::make_shared<gpipe::Timeline>();
+    pipe->set_timeline(step_timeline);
+    pipe->step(x, y, loss_fn);
+    synchronize(tour.unique_devices);
+    pipe->set_timeline(nullptr);
+    const std::string name = gpipe::to_string(schedule);
+    const auto step_events = step_timeline->events();
+    gpipe::write_chrome_trace(step_events, dir + "trace_step_" + name + ".json");
+    gpipe::write_svg(
+        {gpipe::theoretical_schedule(schedule, flags.partitions, flags.microbatches),
+         gpipe::measured_schedule(step_events, "Measured step(), " + name + " (" + flags.device + ")")},
+        dir + "schedule_step_" + name + ".svg");
+    std::cout << "  step()     " << dir << "schedule_step_" << name << ".svg  (" << name
+              << ": theory and measured), trace_step_" << name << ".json\n";
+  }
+  pipe->options.schedule(gpipe::Schedule::FillDrain);
 }
 
 void step_memory(Tour& tour) {

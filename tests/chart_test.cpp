@@ -132,3 +132,23 @@ TEST(Chart, SummaryTableAndJsonHaveOneRowPerConfiguration) {
   EXPECT_NE(json.find("\"step_ms\": 12.5,"), std::string::npos) << json;
   EXPECT_NE(json.find("\"bubble\": null"), std::string::npos) << json;
 }
+
+TEST(Chart, TheoreticalOneFOneBScheduleIsTheLockstepGridWithTheFillDrainSpan) {
+  const auto layout = gpipe::theoretical_schedule(gpipe::Schedule::OneFOneB, 4, 8);
+  EXPECT_EQ(layout.title, "1F1B schedule, theory (K=4, M=8)");
+  EXPECT_EQ(layout.slices.size(), 2u * 4 * 8);
+  EXPECT_DOUBLE_EQ(layout.span(), 2.0 * (8 + 4 - 1));
+  // The last partition alternates from its first forward on: F0 at tick 3, B0 at 4, F1 at 5.
+  std::vector<std::pair<gpipe::Phase, double>> last_row;
+  for (const auto& slice : layout.slices) {
+    if (slice.row == 3 && slice.microbatch <= 1) {
+      last_row.emplace_back(slice.phase, slice.start);
+    }
+  }
+  std::sort(last_row.begin(), last_row.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  ASSERT_EQ(last_row.size(), 4u);
+  EXPECT_EQ(last_row[0], std::make_pair(gpipe::Phase::Forward, 3.0));
+  EXPECT_EQ(last_row[1], std::make_pair(gpipe::Phase::Backward, 4.0));
+  EXPECT_EQ(last_row[2], std::make_pair(gpipe::Phase::Forward, 5.0));
+  EXPECT_EQ(last_row[3], std::make_pair(gpipe::Phase::Backward, 6.0));
+}

@@ -12,6 +12,7 @@
 // `plot_pipeline_schedule` and `summarize_results`.
 #pragma once
 
+#include <gpipe/schedule.h>
 #include <gpipe/timeline.h>
 #include <gpipe/trace.h>
 
@@ -84,32 +85,40 @@ inline double bubble_fraction(int64_t partitions, int64_t microbatches) {
   return 1.0 - pipeline_efficiency(partitions, microbatches);
 }
 
-/// The fill-drain schedule of K partitions and M micro-batches, one tick per
-/// cell: forward (i, j) at tick i + j, then backward in reverse, (i, j) at
-/// tick (M + K - 1) + (M - 1 - i) + (K - 1 - j). 2·K·M slices over
-/// 2·(M + K - 1) ticks.
-inline ScheduleLayout theoretical_schedule(int64_t partitions, int64_t microbatches) {
+/// `schedule` for K partitions and M micro-batches, one tick per lockstep
+/// step. Fill-drain puts forward (i, j) at tick i + j, then backward in
+/// reverse, (i, j) at tick (M + K - 1) + (M - 1 - i) + (K - 1 - j); 1F1B
+/// interleaves them. Both: 2·K·M slices over 2·(M + K - 1) ticks.
+inline ScheduleLayout theoretical_schedule(Schedule schedule, int64_t partitions, int64_t microbatches) {
   detail::check_pipe_shape(partitions, microbatches, "a schedule");
   ScheduleLayout layout;
-  layout.title = "GPipe schedule, theory (K=" + std::to_string(partitions) +
-      ", M=" + std::to_string(microbatches) + ")";
+  layout.title = std::string(schedule == Schedule::FillDrain ? "GPipe" : "1F1B") + " schedule, theory (K=" +
+      std::to_string(partitions) + ", M=" + std::to_string(microbatches) + ")";
   layout.unit = "tick";
   for (int64_t j = 0; j < partitions; ++j) {
     layout.row_labels.push_back("partition " + std::to_string(j));
   }
-  const int64_t ticks = microbatches + partitions - 1;
-  for (int64_t i = 0; i < microbatches; ++i) {
-    for (int64_t j = 0; j < partitions; ++j) {
-      layout.slices.push_back({j, i, Phase::Forward, static_cast<double>(i + j), 1.0});
-    }
-  }
-  for (int64_t i = microbatches - 1; i >= 0; --i) {
-    for (int64_t j = partitions - 1; j >= 0; --j) {
-      const int64_t tick = ticks + (microbatches - 1 - i) + (partitions - 1 - j);
-      layout.slices.push_back({j, i, Phase::Backward, static_cast<double>(tick), 1.0});
+  // One tick per lockstep step: the schedule's own validator lays it out.
+  const auto grid = lockstep(schedule_actions(schedule, microbatches, partitions), microbatches, partitions);
+  for (size_t step = 0; step < grid.size(); ++step) {
+    for (size_t j = 0; j < grid[step].size(); ++j) {
+      if (const auto& action = grid[step][j]) {
+        layout.slices.push_back(
+            {static_cast<int64_t>(j),
+             action->microbatch,
+             action->kind == Action::Kind::Forward ? Phase::Forward : Phase::Backward,
+             static_cast<double>(step),
+             1.0});
+      }
     }
   }
   return layout;
+}
+
+/// The fill-drain schedule of GPipe: forward i on partition j at tick
+/// i + j, backward the same staircase in reverse.
+inline ScheduleLayout theoretical_schedule(int64_t partitions, int64_t microbatches) {
+  return theoretical_schedule(Schedule::FillDrain, partitions, microbatches);
 }
 
 /// A Timeline's slices as a layout: one row per partition, times in

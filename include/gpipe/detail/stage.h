@@ -12,11 +12,18 @@
 //     three modes differ only in what a cell keeps, never in the numbers;
 //   * the backward of a cell is one place to stamp the partition and
 //     micro-batch on an error and to record its timing;
-//   * parameter gradients flow through the outer graph, so
-//     torch::autograd::grad(loss, parameters) and gradient hooks work as in
-//     plain training, with or without checkpointing;
-//   * the input need not require grad: the parameters are inputs too, so the
-//     node stays in the graph for the first partition.
+//   * the parameters are inputs of the node, so the node stays in the graph
+//     for the first partition (whose input need not require grad), and
+//     torch::autograd::grad(loss, parameters) finds them.
+// Note [Parameter gradients accumulate in place]
+// Returning each cell's parameter gradients to the outer graph would make
+// the engine hold a summed copy of every parameter's gradient until the last
+// micro-batch of its partition is done: one extra gradient-sized buffer per
+// step. So in a plain backward (the graph task computes everything) a cell
+// accumulates straight into `.grad`, as plain training's AccumulateGrad does,
+// and returns no parameter gradients. Only when the graph task asks for
+// particular inputs (torch::autograd::grad, backward(inputs=...)) does it
+// return them through the graph instead, leaving `.grad` untouched.
 // The inner backward runs reentrantly on the engine thread that runs the
 // cell, so no cell ever waits on another thread and partitions sharing a
 // device cannot deadlock.
@@ -134,7 +141,12 @@ struct StageState : torch::CustomClassHolder {
   }
 
   /// Gradients for [input, parameters...]; undefined where there is none.
-  std::vector<torch::Tensor> backward(const torch::Tensor& grad_output, bool keep_graph) {
+  /// With `accumulate_parameters` the parameters' gradients go into their
+  /// `.grad` instead (Note [Parameter gradients accumulate in place]).
+  std::vector<torch::Tensor> backward(
+      const torch::Tensor& grad_output,
+      bool keep_graph,
+      bool accumulate_parameters) {
     if (checkpointed) {
       TimelineScope recording = scope(Phase::Recompute);
       RngReplayGuard replay(*rng);
@@ -149,14 +161,18 @@ struct StageState : torch::CustomClassHolder {
         wrt.push_back(leaf);
       }
       wrt.insert(wrt.end(), parameters.begin(), parameters.end());
-      auto computed = torch::autograd::grad(
-          {output},
-          wrt,
-          {grad_output},
-          /*retain_graph=*/keep_graph && !checkpointed,
-          /*create_graph=*/false,
-          /*allow_unused=*/true);
-      std::move(computed.begin(), computed.end(), grads.begin() + (input_requires_grad ? 0 : 1));
+      const bool retain_graph = keep_graph && !checkpointed;
+      if (accumulate_parameters) {
+        torch::autograd::backward({output}, {grad_output}, retain_graph, /*create_graph=*/false, wrt);
+        if (input_requires_grad) {
+          grads[0] = leaf.grad();
+          leaf.mutable_grad().reset();
+        }
+      } else {
+        auto computed = torch::autograd::grad(
+            {output}, wrt, {grad_output}, retain_graph, /*create_graph=*/false, /*allow_unused=*/true);
+        std::move(computed.begin(), computed.end(), grads.begin() + (input_requires_grad ? 0 : 1));
+      }
     }
     if (checkpointed || !keep_graph) {
       leaf.reset();
@@ -191,8 +207,12 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
         "gpipe: double backward through a pipe is not supported "
         "(call backward without create_graph=true)");
     const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
+    // An empty exec_info means the graph task runs everything: a plain
+    // backward that accumulates into .grad.
+    const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+    const bool accumulate_parameters = exec_info == nullptr || exec_info->empty();
     auto grads = with_cell_context(state->cell, "backward", [&] {
-      return state->backward(grad_outputs[0], keep_graph);
+      return state->backward(grad_outputs[0], keep_graph, accumulate_parameters);
     });
     torch::autograd::variable_list result;
     result.reserve(1 + grads.size());
