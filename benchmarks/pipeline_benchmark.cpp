@@ -55,8 +55,8 @@ struct Config {
   /// Compare with plain training that loops over the same micro-batches,
   /// to separate the cost of small micro-batches from gpipe's own.
   bool against_plain_microbatched = false;
-  double time_target = 0;       // ratio; 0: none
-  double memory_target = 0;     // ratio; 0: none
+  double time_target = 0; // ratio; 0: none
+  double memory_target = 0; // ratio; 0: none
   double total_peak_target_mb = 0; // absolute; 0: none
 };
 
@@ -114,7 +114,11 @@ Step plain_step(torch::nn::Sequential model, torch::Tensor x, torch::Tensor y) {
 }
 
 /// Plain training over `m` micro-batches by hand, gradients accumulated.
-Step plain_microbatched_step(torch::nn::Sequential model, int64_t m, torch::Tensor x, torch::Tensor y) {
+Step plain_microbatched_step(
+    torch::nn::Sequential model,
+    int64_t m,
+    torch::Tensor x,
+    torch::Tensor y) {
   return [=]() mutable {
     for (auto& p : model->parameters()) {
       p.mutable_grad().zero_();
@@ -122,21 +126,32 @@ Step plain_microbatched_step(torch::nn::Sequential model, int64_t m, torch::Tens
     const auto xs = torch::tensor_split(x, m);
     const auto ys = torch::tensor_split(y, m);
     for (int64_t i = 0; i < m; ++i) {
-      const double share = static_cast<double>(xs[static_cast<size_t>(i)].size(0)) / static_cast<double>(x.size(0));
-      (torch::mse_loss(model->forward(xs[static_cast<size_t>(i)]), ys[static_cast<size_t>(i)]) * share).backward();
+      const double share =
+          static_cast<double>(xs[static_cast<size_t>(i)].size(0)) /
+          static_cast<double>(x.size(0));
+      (torch::mse_loss(
+           model->forward(xs[static_cast<size_t>(i)]),
+           ys[static_cast<size_t>(i)]) *
+       share)
+          .backward();
     }
   };
 }
 
-Step pipe_step(gpipe::GPipe<torch::nn::Sequential> pipe, const Config& config, torch::Tensor x, torch::Tensor y) {
+Step pipe_step(
+    gpipe::GPipe<torch::nn::Sequential> pipe,
+    const Config& config,
+    torch::Tensor x,
+    torch::Tensor y) {
   if (config.use_step) {
     return [=]() mutable {
       for (auto& p : pipe->parameters()) {
         p.mutable_grad().zero_();
       }
-      pipe->step(x, y, [](const torch::Tensor& out, const torch::Tensor& target) {
-        return torch::mse_loss(out, target);
-      });
+      pipe->step(
+          x, y, [](const torch::Tensor& out, const torch::Tensor& target) {
+            return torch::mse_loss(out, target);
+          });
     };
   }
   return [=]() mutable {
@@ -152,11 +167,15 @@ double time_ms(const Step& step, const torch::Device& device) {
   const auto start = std::chrono::steady_clock::now();
   step();
   synchronize(device);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now() - start)
+      .count();
 }
 
 /// Peak bytes above the start of one step, and the total peak.
-std::pair<int64_t, int64_t> measure_memory(const Step& step, const torch::Device& device) {
+std::pair<int64_t, int64_t> measure_memory(
+    const Step& step,
+    const torch::Device& device) {
   synchronize(device);
   gpipe::MemoryMeter meter({device});
   step();
@@ -174,18 +193,22 @@ Result run(const Config& config, const Flags& flags) {
   torch::manual_seed(0);
   auto model = config.model();
   model->to(config.device);
-  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone(config.device));
+  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(
+      model->clone(config.device));
   gpipe::GPipe<torch::nn::Sequential> pipe(
       model,
       gpipe::GPipeOptions(config.partitions)
           .microbatches(config.microbatches)
           .checkpoint(config.checkpoint)
           .schedule(config.schedule)
-          .devices(std::vector<torch::Device>(static_cast<size_t>(config.partitions), config.device)));
+          .devices(std::vector<torch::Device>(
+              static_cast<size_t>(config.partitions), config.device)));
   allocate_grads(model->parameters());
   allocate_grads(reference->parameters());
-  const auto x = torch::randn({config.batch, config.width}, torch::TensorOptions(config.device));
-  const auto y = torch::randn({config.batch, config.width}, torch::TensorOptions(config.device));
+  const auto x = torch::randn(
+      {config.batch, config.width}, torch::TensorOptions(config.device));
+  const auto y = torch::randn(
+      {config.batch, config.width}, torch::TensorOptions(config.device));
 
   Step baseline;
   if (config.against_fill_drain) {
@@ -197,7 +220,8 @@ Result run(const Config& config, const Flags& flags) {
             .microbatches(config.microbatches)
             .checkpoint(config.checkpoint)
             .schedule(gpipe::Schedule::FillDrain)
-            .devices(std::vector<torch::Device>(static_cast<size_t>(config.partitions), config.device)));
+            .devices(std::vector<torch::Device>(
+                static_cast<size_t>(config.partitions), config.device)));
     baseline = pipe_step(other, fill_drain, x, y);
   } else if (config.against_plain_microbatched) {
     baseline = plain_microbatched_step(reference, config.microbatches, x, y);
@@ -225,8 +249,10 @@ Result run(const Config& config, const Flags& flags) {
     candidate_times.push_back(c);
     ratios.push_back(c / b);
   }
-  const auto [baseline_activation, baseline_peak] = measure_memory(baseline, config.device);
-  const auto [candidate_activation, candidate_peak] = measure_memory(candidate, config.device);
+  const auto [baseline_activation, baseline_peak] =
+      measure_memory(baseline, config.device);
+  const auto [candidate_activation, candidate_peak] =
+      measure_memory(candidate, config.device);
   (void)baseline_peak;
   constexpr double kMB = 1024.0 * 1024.0;
   Result result;
@@ -234,10 +260,13 @@ Result run(const Config& config, const Flags& flags) {
   result.baseline_ms = median(baseline_times);
   result.gpipe_ms = median(candidate_times);
   result.time_ratio = median(ratios);
-  result.baseline_activation_mb = static_cast<double>(baseline_activation) / kMB;
+  result.baseline_activation_mb =
+      static_cast<double>(baseline_activation) / kMB;
   result.gpipe_activation_mb = static_cast<double>(candidate_activation) / kMB;
   result.gpipe_total_peak_mb = static_cast<double>(candidate_peak) / kMB;
-  result.memory_ratio = baseline_activation > 0 ? static_cast<double>(candidate_activation) / baseline_activation : 0;
+  result.memory_ratio = baseline_activation > 0
+      ? static_cast<double>(candidate_activation) / baseline_activation
+      : 0;
   return result;
 }
 
@@ -246,7 +275,12 @@ std::string verdict(double value, double target) {
     return "";
   }
   char text[64];
-  std::snprintf(text, sizeof(text), "%s <=%.2f", value <= target ? "met" : "MISSED", target);
+  std::snprintf(
+      text,
+      sizeof(text),
+      "%s <=%.2f",
+      value <= target ? "met" : "MISSED",
+      target);
   return text;
 }
 
@@ -256,7 +290,11 @@ std::vector<Config> cpu_configs(bool quick) {
   const int64_t batch = quick ? 64 : 512;
   auto model = [=] { return linear_tanh(layers, width); };
   std::vector<Config> configs;
-  auto add = [&](const std::string& name, int64_t m, gpipe::Checkpoint mode, double time_target, double memory_target) {
+  auto add = [&](const std::string& name,
+                 int64_t m,
+                 gpipe::Checkpoint mode,
+                 double time_target,
+                 double memory_target) {
     Config c;
     c.name = name;
     c.model = model;
@@ -274,16 +312,23 @@ std::vector<Config> cpu_configs(bool quick) {
   add("cpu K=4 M=8 always", 8, gpipe::Checkpoint::Always, 1.40, 0.25);
   // The same pipes against plain training looping over the same 8
   // micro-batches: what gpipe itself costs, without the small-GEMM penalty.
-  for (const auto mode : {gpipe::Checkpoint::Never, gpipe::Checkpoint::Always}) {
-    add(std::string("cpu K=4 M=8 ") + gpipe::to_string(mode) + " vs plain M=8", 8, mode, 0, 0);
+  for (const auto mode :
+       {gpipe::Checkpoint::Never, gpipe::Checkpoint::Always}) {
+    add(std::string("cpu K=4 M=8 ") + gpipe::to_string(mode) + " vs plain M=8",
+        8,
+        mode,
+        0,
+        0);
     configs.back().against_plain_microbatched = true;
   }
 
   // The schedules under step(): 1F1B against FillDrain, same pipe otherwise.
   const int64_t step_batch = quick ? 64 : 1024;
-  for (const auto schedule : {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
+  for (const auto schedule :
+       {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
     Config c;
-    c.name = std::string("cpu step K=4 M=16 never ") + gpipe::to_string(schedule);
+    c.name =
+        std::string("cpu step K=4 M=16 never ") + gpipe::to_string(schedule);
     c.model = model;
     c.width = width;
     c.batch = step_batch;
@@ -306,9 +351,14 @@ std::vector<Config> cuda_configs(bool quick) {
   const int64_t width = quick ? 256 : 1024;
   std::vector<Config> configs;
   for (const int64_t batch : {int64_t{64}, int64_t{8192}}) {
-    auto add = [&](int64_t m, gpipe::Checkpoint mode, double time_target, double memory_target, double total_mb) {
+    auto add = [&](int64_t m,
+                   gpipe::Checkpoint mode,
+                   double time_target,
+                   double memory_target,
+                   double total_mb) {
       Config c;
-      c.name = "cuda b=" + std::to_string(batch) + " K=4 M=" + std::to_string(m) + " " + gpipe::to_string(mode);
+      c.name = "cuda b=" + std::to_string(batch) +
+          " K=4 M=" + std::to_string(m) + " " + gpipe::to_string(mode);
       c.device = torch::Device(torch::kCUDA, 0);
       c.model = [=] { return linears(layers, width); };
       c.width = width;
@@ -325,9 +375,11 @@ std::vector<Config> cuda_configs(bool quick) {
     add(8, gpipe::Checkpoint::Never, big ? 1.03 : 0, big ? 1.05 : 0, 0);
     add(8, gpipe::Checkpoint::ExceptLast, 0, 0, 0);
     add(8, gpipe::Checkpoint::Always, big ? 1.30 : 0, 0, big ? 800 : 0);
-    for (const auto schedule : {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
+    for (const auto schedule :
+         {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
       Config c = configs.back();
-      c.name = "cuda b=" + std::to_string(batch) + " step K=4 M=8 never " + gpipe::to_string(schedule);
+      c.name = "cuda b=" + std::to_string(batch) + " step K=4 M=8 never " +
+          gpipe::to_string(schedule);
       c.checkpoint = gpipe::Checkpoint::Never;
       c.use_step = true;
       c.schedule = schedule;
@@ -351,24 +403,33 @@ std::string json_escape(const std::string& text) {
 
 void write_json(const std::vector<Result>& results, const Flags& flags) {
   std::ofstream out(flags.output);
-  out << "{\n  \"repeats\": " << flags.repeats << ",\n  \"warmup\": " << flags.warmup << ",\n  \"results\": [\n";
+  out << "{\n  \"repeats\": " << flags.repeats
+      << ",\n  \"warmup\": " << flags.warmup << ",\n  \"results\": [\n";
   for (size_t k = 0; k < results.size(); ++k) {
     const auto& r = results[k];
-    out << "    {\"name\": \"" << json_escape(r.config.name) << "\", \"device\": \"" << r.config.device
-        << "\", \"batch\": " << r.config.batch << ", \"partitions\": " << r.config.partitions
-        << ", \"microbatches\": " << r.config.microbatches << ", \"checkpoint\": \""
-        << gpipe::to_string(r.config.checkpoint) << "\", \"step\": " << (r.config.use_step ? "true" : "false")
-        << ", \"schedule\": \"" << gpipe::to_string(r.config.schedule) << "\", \"baseline\": \""
-        << (r.config.against_fill_drain           ? "gpipe fill_drain"
+    out << "    {\"name\": \"" << json_escape(r.config.name)
+        << "\", \"device\": \"" << r.config.device
+        << "\", \"batch\": " << r.config.batch
+        << ", \"partitions\": " << r.config.partitions
+        << ", \"microbatches\": " << r.config.microbatches
+        << ", \"checkpoint\": \"" << gpipe::to_string(r.config.checkpoint)
+        << "\", \"step\": " << (r.config.use_step ? "true" : "false")
+        << ", \"schedule\": \"" << gpipe::to_string(r.config.schedule)
+        << "\", \"baseline\": \""
+        << (r.config.against_fill_drain               ? "gpipe fill_drain"
                 : r.config.against_plain_microbatched ? "plain micro-batched"
-                                                      : "plain") << "\", \"baseline_ms\": " << r.baseline_ms
-        << ", \"gpipe_ms\": " << r.gpipe_ms << ", \"time_ratio\": " << r.time_ratio
+                                                      : "plain")
+        << "\", \"baseline_ms\": " << r.baseline_ms
+        << ", \"gpipe_ms\": " << r.gpipe_ms
+        << ", \"time_ratio\": " << r.time_ratio
         << ", \"baseline_activation_mb\": " << r.baseline_activation_mb
         << ", \"gpipe_activation_mb\": " << r.gpipe_activation_mb
-        << ", \"gpipe_total_peak_mb\": " << r.gpipe_total_peak_mb << ", \"memory_ratio\": " << r.memory_ratio
-        << ", \"time_target\": " << r.config.time_target << ", \"memory_target\": " << r.config.memory_target
-        << ", \"total_peak_target_mb\": " << r.config.total_peak_target_mb << "}"
-        << (k + 1 < results.size() ? "," : "") << "\n";
+        << ", \"gpipe_total_peak_mb\": " << r.gpipe_total_peak_mb
+        << ", \"memory_ratio\": " << r.memory_ratio
+        << ", \"time_target\": " << r.config.time_target
+        << ", \"memory_target\": " << r.config.memory_target
+        << ", \"total_peak_target_mb\": " << r.config.total_peak_target_mb
+        << "}" << (k + 1 < results.size() ? "," : "") << "\n";
   }
   out << "  ]\n}\n";
 }
@@ -389,7 +450,10 @@ void print_row(const Result& r) {
       r.memory_ratio,
       verdict(r.memory_ratio, r.config.memory_target).c_str(),
       r.gpipe_total_peak_mb,
-      r.config.total_peak_target_mb > 0 ? verdict(r.gpipe_total_peak_mb, r.config.total_peak_target_mb).c_str() : "");
+      r.config.total_peak_target_mb > 0
+          ? verdict(r.gpipe_total_peak_mb, r.config.total_peak_target_mb)
+                .c_str()
+          : "");
   std::cout << line << std::endl;
 }
 
@@ -417,15 +481,20 @@ Flags parse(int argc, char** argv) {
       flags.repeats = 3;
       flags.warmup = 1;
     } else if (arg == "--help" || arg == "-h") {
-      std::cout << "pipeline_benchmark [--device cpu|cuda|all] [--repeats N] [--warmup N] [--output FILE] [--quick]\n";
+      std::cout
+          << "pipeline_benchmark [--device cpu|cuda|all] [--repeats N] [--warmup N] [--output FILE] [--quick]\n";
       std::exit(0);
     } else {
-      std::cerr << "pipeline_benchmark: unknown flag " << arg << " (see --help)\n";
+      std::cerr << "pipeline_benchmark: unknown flag " << arg
+                << " (see --help)\n";
       std::exit(2);
     }
   }
-  if (flags.repeats < 1 || flags.warmup < 0 || (flags.device != "cpu" && flags.device != "cuda" && flags.device != "all")) {
-    std::cerr << "pipeline_benchmark: bad flags (repeats >= 1, warmup >= 0, device cpu|cuda|all)\n";
+  if (flags.repeats < 1 || flags.warmup < 0 ||
+      (flags.device != "cpu" && flags.device != "cuda" &&
+       flags.device != "all")) {
+    std::cerr
+        << "pipeline_benchmark: bad flags (repeats >= 1, warmup >= 0, device cpu|cuda|all)\n";
     std::exit(2);
   }
   return flags;
@@ -450,8 +519,10 @@ int main(int argc, char** argv) {
       std::cout << "(no CUDA device: CUDA configurations skipped)\n";
     }
   }
-  std::cout << "gpipe " << gpipe::kVersion << " vs plain LibTorch, " << flags.repeats
-            << " interleaved pairs after " << flags.warmup << " warm-ups; times are medians, ratios the median of per-pair ratios\n";
+  std::cout
+      << "gpipe " << gpipe::kVersion << " vs plain LibTorch, " << flags.repeats
+      << " interleaved pairs after " << flags.warmup
+      << " warm-ups; times are medians, ratios the median of per-pair ratios\n";
   char header[512];
   std::snprintf(
       header,
@@ -474,8 +545,9 @@ int main(int argc, char** argv) {
     print_row(results.back());
   }
   write_json(results, flags);
-  std::cout << "(act: activation MB, the peak above the step's start; base: plain LibTorch on the whole batch, or what "
-               "a 'vs' names)\nwrote "
-            << flags.output << std::endl;
+  std::cout
+      << "(act: activation MB, the peak above the step's start; base: plain LibTorch on the whole batch, or what "
+         "a 'vs' names)\nwrote "
+      << flags.output << std::endl;
   return 0;
 }

@@ -84,7 +84,10 @@ flags (--name value or --name=value):
   std::exit(2);
 }
 
-int64_t parse_int(const std::string& name, const std::string& text, int64_t minimum) {
+int64_t parse_int(
+    const std::string& name,
+    const std::string& text,
+    int64_t minimum) {
   size_t used = 0;
   int64_t value = 0;
   try {
@@ -96,7 +99,9 @@ int64_t parse_int(const std::string& name, const std::string& text, int64_t mini
     usage_error("--" + name + " needs a whole number (got: " + text + ")");
   }
   if (value < minimum) {
-    usage_error("--" + name + " must be at least " + std::to_string(minimum) + " (got: " + text + ")");
+    usage_error(
+        "--" + name + " must be at least " + std::to_string(minimum) +
+        " (got: " + text + ")");
   }
   return value;
 }
@@ -144,7 +149,9 @@ Flags parse_flags(int argc, char** argv) {
       flags.device = value;
     } else if (name == "checkpoint") {
       if (value != "never" && value != "except_last" && value != "always") {
-        usage_error("--checkpoint is never, except_last or always (got: " + value + ")");
+        usage_error(
+            "--checkpoint is never, except_last or always (got: " + value +
+            ")");
       }
       flags.checkpoint = value;
     } else if (name == "output") {
@@ -155,7 +162,8 @@ Flags parse_flags(int argc, char** argv) {
   }
   if (flags.partitions > flags.layers) {
     usage_error(
-        "--partitions cannot exceed --layers (partitions: " + std::to_string(flags.partitions) +
+        "--partitions cannot exceed --layers (partitions: " +
+        std::to_string(flags.partitions) +
         ", layers: " + std::to_string(flags.layers) + ")");
   }
   return flags;
@@ -179,7 +187,11 @@ std::string percent(double fraction) {
 
 std::string mib(int64_t bytes) {
   char text[32];
-  std::snprintf(text, sizeof(text), "%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+  std::snprintf(
+      text,
+      sizeof(text),
+      "%.1f MiB",
+      static_cast<double>(bytes) / (1024.0 * 1024.0));
   return text;
 }
 
@@ -226,7 +238,7 @@ struct Tour {
   int64_t width = 0;
   int64_t big_batch = 0;
   int64_t steps = 1;
-  std::vector<torch::Device> devices;        // one per partition
+  std::vector<torch::Device> devices; // one per partition
   std::vector<torch::Device> unique_devices; // in partition order
   torch::nn::Sequential model{nullptr};
   std::vector<gpipe::RunResult> results;
@@ -234,10 +246,12 @@ struct Tour {
 };
 
 /// Parameter bytes per device of `model`.
-std::map<std::string, int64_t> parameter_bytes(const torch::nn::Sequential& model) {
+std::map<std::string, int64_t> parameter_bytes(
+    const torch::nn::Sequential& model) {
   std::map<std::string, int64_t> bytes;
   for (const auto& p : model->parameters()) {
-    bytes[p.device().str()] += p.numel() * static_cast<int64_t>(p.element_size());
+    bytes[p.device().str()] +=
+        p.numel() * static_cast<int64_t>(p.element_size());
   }
   return bytes;
 }
@@ -245,7 +259,11 @@ std::map<std::string, int64_t> parameter_bytes(const torch::nn::Sequential& mode
 /// One training step (forward, MSE loss, backward) of `forward` on fresh
 /// gradients, so the gradients are allocated inside the step.
 template <typename Forward>
-void train_step(Forward& forward, const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& y) {
+void train_step(
+    Forward& forward,
+    const torch::nn::Sequential& model,
+    const torch::Tensor& x,
+    const torch::Tensor& y) {
   for (auto& p : model->parameters()) {
     p.mutable_grad().reset();
   }
@@ -266,7 +284,8 @@ gpipe::RunResult measure(
   const bool plain = mode == "plain";
   const int64_t k = plain ? 1 : flags.partitions;
   const int64_t m = plain ? 1 : flags.microbatches;
-  std::cout << "  [" << index << "/" << count << "] " << label << " ... " << std::flush;
+  std::cout << "  [" << index << "/" << count << "] " << label << " ... "
+            << std::flush;
 
   std::function<torch::Tensor(const torch::Tensor&)> forward;
   std::shared_ptr<gpipe::GPipe<torch::nn::Sequential>> pipe;
@@ -275,7 +294,10 @@ gpipe::RunResult measure(
   } else {
     pipe = std::make_shared<gpipe::GPipe<torch::nn::Sequential>>(
         tour.model,
-        gpipe::GPipeOptions(k).microbatches(m).checkpoint(checkpoint_of(mode)).devices(tour.devices));
+        gpipe::GPipeOptions(k)
+            .microbatches(m)
+            .checkpoint(checkpoint_of(mode))
+            .devices(tour.devices));
     forward = [pipe](const torch::Tensor& x) { return (*pipe)(x); };
   }
   torch::manual_seed(tour.flags.seed + 1);
@@ -293,7 +315,9 @@ gpipe::RunResult measure(
     const auto start = Clock::now();
     train_step(forward, tour.model, x, y);
     synchronize(tour.unique_devices);
-    times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    times.push_back(
+        std::chrono::duration<double, std::milli>(Clock::now() - start)
+            .count());
   }
   std::sort(times.begin(), times.end());
 
@@ -311,18 +335,21 @@ gpipe::RunResult measure(
     const auto found = params.find(device.str());
     const int64_t weights = found == params.end() ? 0 : found->second;
     result.peak_bytes += peak;
-    result.activation_bytes += std::max<int64_t>(0, peak - 2 * weights); // parameters and gradients
+    result.activation_bytes +=
+        std::max<int64_t>(0, peak - 2 * weights); // parameters and gradients
   }
-  std::cout << milliseconds(result.step_ms) << " ms/step, peak " << mib(result.peak_bytes) << " (activations "
+  std::cout << milliseconds(result.step_ms) << " ms/step, peak "
+            << mib(result.peak_bytes) << " (activations "
             << mib(result.activation_bytes) << ")\n";
   return result;
 }
 
 void step_micro_batching(const Tour& tour) {
   const auto& flags = tour.flags;
-  std::cout << "\nStep 1. Micro-batching\n"
-            << "  A batch is split along its first dimension into M micro-batches; each of the\n"
-            << "  K partitions (consecutive layers on one device) works on one at a time.\n";
+  std::cout
+      << "\nStep 1. Micro-batching\n"
+      << "  A batch is split along its first dimension into M micro-batches; each of the\n"
+      << "  K partitions (consecutive layers on one device) works on one at a time.\n";
   const auto x = torch::empty({flags.batch, tour.width});
   const auto pieces = torch::tensor_split(x, flags.microbatches);
   std::cout << "  full batch      " << shape_of(x) << "\n  micro-batches   ";
@@ -341,19 +368,24 @@ void step_micro_batching(const Tour& tour) {
   }
   int64_t used = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
-    std::cout << (g ? ", " : "") << groups[g].second << " x " << groups[g].first;
+    std::cout << (g ? ", " : "") << groups[g].second << " x "
+              << groups[g].first;
     used += groups[g].second;
   }
   std::cout << "  (" << used << " micro-batches";
   if (used < flags.microbatches) {
-    std::cout << ", fewer than M=" << flags.microbatches << " because the batch is smaller";
+    std::cout << ", fewer than M=" << flags.microbatches
+              << " because the batch is smaller";
   }
   std::cout << ")\n  partitions      ";
   const auto balance =
-      gpipe::GPipe<torch::nn::Sequential>(tour.model, gpipe::GPipeOptions(flags.partitions).devices(tour.devices))
+      gpipe::GPipe<torch::nn::Sequential>(
+          tour.model,
+          gpipe::GPipeOptions(flags.partitions).devices(tour.devices))
           ->options.balance();
   for (size_t j = 0; j < balance.size(); ++j) {
-    std::cout << (j ? ", " : "") << balance[j] << " layers on " << tour.devices[j];
+    std::cout << (j ? ", " : "") << balance[j] << " layers on "
+              << tour.devices[j];
   }
   std::cout << "\n";
 }
@@ -362,12 +394,14 @@ void step_efficiency(const Tour& tour) {
   const auto& flags = tour.flags;
   const int64_t k = flags.partitions;
   const int64_t m = flags.microbatches;
-  std::cout << "\nStep 2. Efficiency math\n"
-            << "  Forward fills the pipe and drains it: M + K - 1 clock ticks for M ticks of work per\n"
-            << "  partition. Each partition idles K - 1 ticks (the bubble), forward and backward alike.\n"
-            << "  K=" << k << ", M=" << m << ": efficiency M/(M+K-1) = " << m << "/" << (m + k - 1) << " = "
-            << percent(gpipe::pipeline_efficiency(k, m)) << ", bubble (K-1)/(M+K-1) = "
-            << percent(gpipe::bubble_fraction(k, m)) << "\n\n";
+  std::cout
+      << "\nStep 2. Efficiency math\n"
+      << "  Forward fills the pipe and drains it: M + K - 1 clock ticks for M ticks of work per\n"
+      << "  partition. Each partition idles K - 1 ticks (the bubble), forward and backward alike.\n"
+      << "  K=" << k << ", M=" << m << ": efficiency M/(M+K-1) = " << m << "/"
+      << (m + k - 1) << " = " << percent(gpipe::pipeline_efficiency(k, m))
+      << ", bubble (K-1)/(M+K-1) = " << percent(gpipe::bubble_fraction(k, m))
+      << "\n\n";
   std::cout << "      M   efficiency   bubble   (K=" << k << ")\n";
   for (const int64_t mm : {1, 2, 4, 8, 16, 32}) {
     char line[96];
@@ -378,7 +412,8 @@ void step_efficiency(const Tour& tour) {
         static_cast<long long>(mm),
         percent(gpipe::pipeline_efficiency(k, mm)).c_str(),
         percent(gpipe::bubble_fraction(k, mm)).c_str(),
-        mm >= 4 * k ? "   (M >= 4K: the paper calls the bubble negligible)" : "");
+        mm >= 4 * k ? "   (M >= 4K: the paper calls the bubble negligible)"
+                    : "");
     std::cout << line;
   }
 }
@@ -386,10 +421,14 @@ void step_efficiency(const Tour& tour) {
 void step_pictures(Tour& tour) {
   const auto& flags = tour.flags;
   const auto mode = checkpoint_of(flags.checkpoint);
-  std::cout << "\nStep 3. Schedule pictures: theory and a measured training step\n";
+  std::cout
+      << "\nStep 3. Schedule pictures: theory and a measured training step\n";
   gpipe::GPipe<torch::nn::Sequential> pipe(
       tour.model,
-      gpipe::GPipeOptions(flags.partitions).microbatches(flags.microbatches).checkpoint(mode).devices(tour.devices));
+      gpipe::GPipeOptions(flags.partitions)
+          .microbatches(flags.microbatches)
+          .checkpoint(mode)
+          .devices(tour.devices));
   torch::manual_seed(flags.seed + 1);
   auto x = torch::randn({flags.batch, tour.width}).to(tour.devices.front());
   auto y = torch::randn({flags.batch, tour.width}).to(tour.devices.back());
@@ -403,12 +442,15 @@ void step_pictures(Tour& tour) {
   pipe->set_timeline(nullptr);
   const auto events = timeline->events();
 
-  const auto theory = gpipe::theoretical_schedule(flags.partitions, flags.microbatches);
+  const auto theory =
+      gpipe::theoretical_schedule(flags.partitions, flags.microbatches);
   const auto measured = gpipe::measured_schedule(
       events,
-      "Measured step (" + flags.device + ", " + flags.checkpoint + ", batch " + std::to_string(flags.batch) + ")");
+      "Measured step (" + flags.device + ", " + flags.checkpoint + ", batch " +
+          std::to_string(flags.batch) + ")");
   const auto dir = flags.output + "/";
-  const auto theory_path = gpipe::plot_pipeline_schedule(flags.partitions, flags.microbatches, flags.output);
+  const auto theory_path = gpipe::plot_pipeline_schedule(
+      flags.partitions, flags.microbatches, flags.output);
   gpipe::write_svg({measured}, dir + "schedule_measured.svg");
   gpipe::write_svg({theory, measured}, dir + "schedule_side_by_side.svg");
   gpipe::write_chrome_trace(events, dir + "trace.json");
@@ -423,41 +465,55 @@ void step_pictures(Tour& tour) {
     recomputes += event.phase == gpipe::Phase::Recompute;
     copies += event.phase == gpipe::Phase::Copy;
   }
-  std::cout << "  theory     " << theory_path << "  (" << theory.slices.size() << " slices over "
-            << theory.span() << " ticks)\n"
-            << "  measured   " << dir << "schedule_measured.svg  (" << forwards << " forward, " << recomputes
-            << " recompute, " << backwards << " backward, " << copies << " copy slices over " << measured.span()
-            << " ms)\n"
-            << "  both       " << dir << "schedule_side_by_side.svg\n"
-            << "  trace      " << dir << "trace.json  (open in https://ui.perfetto.dev or chrome://tracing)\n";
+  std::cout
+      << "  theory     " << theory_path << "  (" << theory.slices.size()
+      << " slices over " << theory.span() << " ticks)\n"
+      << "  measured   " << dir << "schedule_measured.svg  (" << forwards
+      << " forward, " << recomputes << " recompute, " << backwards
+      << " backward, " << copies << " copy slices over " << measured.span()
+      << " ms)\n"
+      << "  both       " << dir << "schedule_side_by_side.svg\n"
+      << "  trace      " << dir
+      << "trace.json  (open in https://ui.perfetto.dev or chrome://tracing)\n";
 
-  // The measured bubble: the idle share of the partition rows, and of the devices.
+  // The measured bubble: the idle share of the partition rows, and of the
+  // devices.
   const double measured_bubble = gpipe::bubble_fraction(measured);
   gpipe::ScheduleLayout per_device = measured;
   per_device.row_labels.clear();
   for (auto& slice : per_device.slices) {
     const auto& device = tour.devices[static_cast<size_t>(slice.row)];
-    slice.row = std::find(tour.unique_devices.begin(), tour.unique_devices.end(), device) -
+    slice.row =
+        std::find(
+            tour.unique_devices.begin(), tour.unique_devices.end(), device) -
         tour.unique_devices.begin();
   }
   for (const auto& device : tour.unique_devices) {
     per_device.row_labels.push_back(device.str());
   }
   const double device_idle = gpipe::bubble_fraction(per_device);
-  std::cout << "  bubble     theory " << percent(gpipe::bubble_fraction(flags.partitions, flags.microbatches))
-            << ", measured " << percent(measured_bubble) << " of the partition rows idle; the "
-            << tour.unique_devices.size() << " device(s) idle " << percent(device_idle) << "\n";
+  std::cout << "  bubble     theory "
+            << percent(
+                   gpipe::bubble_fraction(flags.partitions, flags.microbatches))
+            << ", measured " << percent(measured_bubble)
+            << " of the partition rows idle; the " << tour.unique_devices.size()
+            << " device(s) idle " << percent(device_idle) << "\n";
   if (tour.unique_devices.size() < static_cast<size_t>(flags.partitions)) {
-    std::cout << "             " << flags.partitions << " partitions share " << tour.unique_devices.size()
-              << " device(s), so they take turns: a partition row idles while the others\n"
-              << "             run, whatever M is. The overlap the theory draws needs one device per partition.\n";
+    std::cout
+        << "             " << flags.partitions << " partitions share "
+        << tour.unique_devices.size()
+        << " device(s), so they take turns: a partition row idles while the others\n"
+        << "             run, whatever M is. The overlap the theory draws needs one device per partition.\n";
   }
   tour.measured_bubble = measured_bubble;
 
   // The same step through step() on both schedules: 1F1B interleaves the
   // backwards into the forwards and so keeps fewer micro-batches alive.
-  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) { return torch::mse_loss(out, target); };
-  for (const auto schedule : {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
+  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) {
+    return torch::mse_loss(out, target);
+  };
+  for (const auto schedule :
+       {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
     pipe->options.schedule(schedule);
     pipe->step(x, y, loss_fn); // warm-up, not recorded
     synchronize(tour.unique_devices);
@@ -468,13 +524,18 @@ void step_pictures(Tour& tour) {
     pipe->set_timeline(nullptr);
     const std::string name = gpipe::to_string(schedule);
     const auto step_events = step_timeline->events();
-    gpipe::write_chrome_trace(step_events, dir + "trace_step_" + name + ".json");
+    gpipe::write_chrome_trace(
+        step_events, dir + "trace_step_" + name + ".json");
     gpipe::write_svg(
-        {gpipe::theoretical_schedule(schedule, flags.partitions, flags.microbatches),
-         gpipe::measured_schedule(step_events, "Measured step(), " + name + " (" + flags.device + ")")},
+        {gpipe::theoretical_schedule(
+             schedule, flags.partitions, flags.microbatches),
+         gpipe::measured_schedule(
+             step_events,
+             "Measured step(), " + name + " (" + flags.device + ")")},
         dir + "schedule_step_" + name + ".svg");
-    std::cout << "  step()     " << dir << "schedule_step_" << name << ".svg  (" << name
-              << ": theory and measured), trace_step_" << name << ".json\n";
+    std::cout << "  step()     " << dir << "schedule_step_" << name << ".svg  ("
+              << name << ": theory and measured), trace_step_" << name
+              << ".json\n";
   }
   pipe->options.schedule(gpipe::Schedule::FillDrain);
 }
@@ -482,14 +543,18 @@ void step_pictures(Tour& tour) {
 void step_memory(Tour& tour) {
   const auto& flags = tour.flags;
   const bool one_device = tour.unique_devices.size() == 1;
-  std::cout << "\nStep 4. Memory of a training step, with and without re-materialization\n"
-            << "  Without checkpointing every layer keeps its input for backward: activations grow with\n"
-            << "  batch x layers. With it, a partition keeps only its input per micro-batch and recomputes\n"
-            << "  the rest in backward, one micro-batch at a time. Activations = peak - parameters - gradients.\n"
-            << "  Memory is counted " << (tour.unique_devices.front().is_cpu()
-                                              ? "exactly, by a counting CPU allocator"
-                                              : "by the caching allocator's peak statistics")
-            << "; parameters take " << mib(parameter_bytes(tour.model).begin()->second) << " (x2 with gradients).\n";
+  std::cout
+      << "\nStep 4. Memory of a training step, with and without re-materialization\n"
+      << "  Without checkpointing every layer keeps its input for backward: activations grow with\n"
+      << "  batch x layers. With it, a partition keeps only its input per micro-batch and recomputes\n"
+      << "  the rest in backward, one micro-batch at a time. Activations = peak - parameters - gradients.\n"
+      << "  Memory is counted "
+      << (tour.unique_devices.front().is_cpu()
+              ? "exactly, by a counting CPU allocator"
+              : "by the caching allocator's peak statistics")
+      << "; parameters take "
+      << mib(parameter_bytes(tour.model).begin()->second)
+      << " (x2 with gradients).\n";
   std::vector<int64_t> batches = {flags.batch};
   if (tour.big_batch > 0 && tour.big_batch != flags.batch) {
     batches.push_back(tour.big_batch);
@@ -498,7 +563,8 @@ void step_memory(Tour& tour) {
   if (one_device) {
     modes.insert(modes.begin(), "plain");
   }
-  const int count = static_cast<int>(batches.size() * modes.size() - (batches.size() - 1));
+  const int count =
+      static_cast<int>(batches.size() * modes.size() - (batches.size() - 1));
   int index = 0;
   for (const auto batch : batches) {
     std::map<std::string, gpipe::RunResult> by_mode;
@@ -506,8 +572,9 @@ void step_memory(Tour& tour) {
       if (batch != flags.batch && mode == "except_last") {
         continue; // the big batch compares the extremes only
       }
-      const std::string label = (mode == "plain" ? std::string("plain model") : "gpipe " + mode) + ", batch " +
-          std::to_string(batch);
+      const std::string label =
+          (mode == "plain" ? std::string("plain model") : "gpipe " + mode) +
+          ", batch " + std::to_string(batch);
       by_mode[mode] = measure(tour, mode, batch, label, ++index, count);
       if (mode == flags.checkpoint && batch == flags.batch) {
         by_mode[mode].measured_bubble = tour.measured_bubble;
@@ -518,25 +585,37 @@ void step_memory(Tour& tour) {
     const auto& always = by_mode["always"];
     const auto ratio = [](int64_t a, int64_t b) {
       char text[32];
-      std::snprintf(text, sizeof(text), "%.2fx", b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0);
+      std::snprintf(
+          text,
+          sizeof(text),
+          "%.2fx",
+          b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0);
       return std::string(text);
     };
-    std::cout << "  batch " << batch << ": never -> always reduces the peak " << mib(never.peak_bytes) << " -> "
-              << mib(always.peak_bytes) << " (" << ratio(never.peak_bytes, always.peak_bytes) << "), activations "
-              << mib(never.activation_bytes) << " -> " << mib(always.activation_bytes) << " ("
-              << ratio(never.activation_bytes, always.activation_bytes) << "); step time "
-              << ratio(static_cast<int64_t>(always.step_ms * 1000), static_cast<int64_t>(never.step_ms * 1000))
+    std::cout << "  batch " << batch << ": never -> always reduces the peak "
+              << mib(never.peak_bytes) << " -> " << mib(always.peak_bytes)
+              << " (" << ratio(never.peak_bytes, always.peak_bytes)
+              << "), activations " << mib(never.activation_bytes) << " -> "
+              << mib(always.activation_bytes) << " ("
+              << ratio(never.activation_bytes, always.activation_bytes)
+              << "); step time "
+              << ratio(
+                     static_cast<int64_t>(always.step_ms * 1000),
+                     static_cast<int64_t>(never.step_ms * 1000))
               << " of never\n";
   }
   if (!one_device) {
-    std::cout << "  (the plain model is measured only when every partition shares one device)\n";
+    std::cout
+        << "  (the plain model is measured only when every partition shares one device)\n";
   }
 }
 
 void step_gradients(Tour& tour) {
   const auto& flags = tour.flags;
-  std::cout << "\nStep 5. Gradient equivalence: GPipe against plain training of the same weights\n";
-  auto plain = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(tour.model->clone());
+  std::cout
+      << "\nStep 5. Gradient equivalence: GPipe against plain training of the same weights\n";
+  auto plain =
+      std::dynamic_pointer_cast<torch::nn::SequentialImpl>(tour.model->clone());
   plain->to(tour.devices.front());
   torch::manual_seed(flags.seed + 2);
   const auto x = torch::randn({flags.batch, tour.width});
@@ -553,10 +632,14 @@ void step_gradients(Tour& tour) {
   }
   const double tolerance = 1e-4 * std::max(largest_grad, 1e-30);
   bool all_pass = true;
-  for (const auto mode : {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
+  for (const auto mode :
+       {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
     gpipe::GPipe<torch::nn::Sequential> pipe(
         tour.model,
-        gpipe::GPipeOptions(flags.partitions).microbatches(flags.microbatches).checkpoint(mode).devices(tour.devices));
+        gpipe::GPipeOptions(flags.partitions)
+            .microbatches(flags.microbatches)
+            .checkpoint(mode)
+            .devices(tour.devices));
     auto forward = [&](const torch::Tensor& input) { return pipe(input); };
     train_step(forward, tour.model, x.to(tour.devices.front()), y);
     const auto pipe_parameters = tour.model->parameters();
@@ -564,7 +647,8 @@ void step_gradients(Tour& tour) {
     for (size_t k = 0; k < pipe_parameters.size(); ++k) {
       difference = std::max(
           difference,
-          (pipe_parameters[k].grad().to(torch::kCPU) - plain_parameters[k].grad().to(torch::kCPU))
+          (pipe_parameters[k].grad().to(torch::kCPU) -
+           plain_parameters[k].grad().to(torch::kCPU))
               .abs()
               .max()
               .item<double>());
@@ -583,9 +667,12 @@ void step_gradients(Tour& tour) {
         pass ? "PASS" : "FAIL");
     std::cout << line;
   }
-  std::cout << "  " << (all_pass ? "GPipe's gradients equal plain training's, up to float summation order."
-                                 : "GRADIENTS DIFFER: please report this.")
-            << "\n";
+  std::cout
+      << "  "
+      << (all_pass
+              ? "GPipe's gradients equal plain training's, up to float summation order."
+              : "GRADIENTS DIFFER: please report this.")
+      << "\n";
   if (!all_pass) {
     throw std::runtime_error("gradient equivalence failed");
   }
@@ -604,7 +691,8 @@ void step_summary(const Tour& tour) {
   const auto path = tour.flags.output + "/results.json";
   std::ofstream file(path);
   file << gpipe::results_json(tour.results);
-  TORCH_CHECK(file.good(), "giant_mlp: cannot write the summary (path: ", path, ")");
+  TORCH_CHECK(
+      file.good(), "giant_mlp: cannot write the summary (path: ", path, ")");
   std::cout << "\n  wrote " << path << "\n";
 }
 
@@ -630,23 +718,30 @@ int main(int argc, char** argv) {
     tour.steps = flags.steps.value_or(on_cpu ? 1 : 3);
     for (int64_t j = 0; j < flags.partitions; ++j) {
       if (flags.device == "cuda") {
-        tour.devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(j % torch::cuda::device_count()));
+        tour.devices.emplace_back(
+            torch::kCUDA,
+            static_cast<c10::DeviceIndex>(j % torch::cuda::device_count()));
       } else {
         tour.devices.emplace_back(flags.device);
       }
-      if (std::find(tour.unique_devices.begin(), tour.unique_devices.end(), tour.devices.back()) ==
-          tour.unique_devices.end()) {
+      if (std::find(
+              tour.unique_devices.begin(),
+              tour.unique_devices.end(),
+              tour.devices.back()) == tour.unique_devices.end()) {
         tour.unique_devices.push_back(tour.devices.back());
       }
     }
     std::filesystem::create_directories(flags.output);
 
-    std::cout << "GPipe on a giant MLP: " << flags.layers << " x Linear(" << tour.width << ", " << tour.width
-              << "), batch " << flags.batch << ", K=" << flags.partitions << " partitions, M="
-              << flags.microbatches << " micro-batches, on " << flags.device << "\n";
+    std::cout << "GPipe on a giant MLP: " << flags.layers << " x Linear("
+              << tour.width << ", " << tour.width << "), batch " << flags.batch
+              << ", K=" << flags.partitions
+              << " partitions, M=" << flags.microbatches
+              << " micro-batches, on " << flags.device << "\n";
     if (on_cpu && !flags.width) {
-      std::cout << "(on the CPU the default width is 256 so the tour takes under a minute; --width 1024 is the\n"
-                << " paper-sized layer)\n";
+      std::cout
+          << "(on the CPU the default width is 256 so the tour takes under a minute; --width 1024 is the\n"
+          << " paper-sized layer)\n";
     }
     tour.model = make_model(flags.layers, tour.width, flags.seed);
     tour.model->to(tour.devices.front());
@@ -664,6 +759,8 @@ int main(int argc, char** argv) {
     std::cerr << "giant_mlp: " << e.what() << "\n";
     return 1;
   }
-  std::cout << "\nDone in " << std::chrono::duration<double>(Clock::now() - started).count() << " s.\n";
+  std::cout << "\nDone in "
+            << std::chrono::duration<double>(Clock::now() - started).count()
+            << " s.\n";
   return 0;
 }

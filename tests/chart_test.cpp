@@ -13,9 +13,14 @@ using gpipe::ScheduleSlice;
 
 namespace {
 
-const ScheduleSlice* find_slice(const ScheduleLayout& layout, int64_t row, int64_t microbatch, Phase phase) {
+const ScheduleSlice* find_slice(
+    const ScheduleLayout& layout,
+    int64_t row,
+    int64_t microbatch,
+    Phase phase) {
   for (const auto& slice : layout.slices) {
-    if (slice.row == row && slice.microbatch == microbatch && slice.phase == phase) {
+    if (slice.row == row && slice.microbatch == microbatch &&
+        slice.phase == phase) {
       return &slice;
     }
   }
@@ -31,7 +36,9 @@ TEST(Chart, EfficiencyOfFourPartitionsAndSixteenMicrobatchesIs8421Percent) {
   EXPECT_DOUBLE_EQ(gpipe::pipeline_efficiency(1, 1), 1.0);
 }
 
-TEST(Chart, TheoreticalScheduleOfFourPartitionsAndSixteenMicrobatchesHasEveryCellOnItsTick) {
+TEST(
+    Chart,
+    TheoreticalScheduleOfFourPartitionsAndSixteenMicrobatchesHasEveryCellOnItsTick) {
   const auto layout = gpipe::theoretical_schedule(4, 16);
   ASSERT_EQ(layout.row_labels.size(), 4u);
   ASSERT_EQ(layout.slices.size(), 2u * 4 * 16);
@@ -41,7 +48,8 @@ TEST(Chart, TheoreticalScheduleOfFourPartitionsAndSixteenMicrobatchesHasEveryCel
   for (const auto& slice : layout.slices) {
     EXPECT_DOUBLE_EQ(slice.duration, 1.0);
     EXPECT_TRUE(seen.insert({slice.row, slice.microbatch, slice.phase}).second)
-        << "duplicate slice row " << slice.row << " micro-batch " << slice.microbatch;
+        << "duplicate slice row " << slice.row << " micro-batch "
+        << slice.microbatch;
   }
   for (int64_t i = 0; i < 16; ++i) {
     for (int64_t j = 0; j < 4; ++j) {
@@ -52,7 +60,8 @@ TEST(Chart, TheoreticalScheduleOfFourPartitionsAndSixteenMicrobatchesHasEveryCel
       // Forward: fill-drain, cell (i, j) at tick i + j.
       EXPECT_DOUBLE_EQ(forward->start, static_cast<double>(i + j));
       // Backward: the same ticks in reverse, after the 19 forward ticks.
-      EXPECT_DOUBLE_EQ(backward->start, static_cast<double>(19 + (15 - i) + (3 - j)));
+      EXPECT_DOUBLE_EQ(
+          backward->start, static_cast<double>(19 + (15 - i) + (3 - j)));
     }
   }
   // No row runs two slices at once.
@@ -60,7 +69,8 @@ TEST(Chart, TheoreticalScheduleOfFourPartitionsAndSixteenMicrobatchesHasEveryCel
     std::set<double> starts;
     for (const auto& slice : layout.slices) {
       if (slice.row == j) {
-        EXPECT_TRUE(starts.insert(slice.start).second) << "row " << j << " tick " << slice.start;
+        EXPECT_TRUE(starts.insert(slice.start).second)
+            << "row " << j << " tick " << slice.start;
       }
     }
     EXPECT_EQ(starts.size(), 32u);
@@ -76,8 +86,10 @@ TEST(Chart, TheoreticalScheduleOfOnePartitionHasNoBubble) {
 }
 
 TEST(Chart, TheoreticalScheduleRejectsZeroMicrobatches) {
-  const auto message = gpipe_test::error_of([] { gpipe::theoretical_schedule(4, 0); });
-  EXPECT_NE(message.find("(partitions: 4, microbatches: 0)"), std::string::npos) << message;
+  const auto message =
+      gpipe_test::error_of([] { gpipe::theoretical_schedule(4, 0); });
+  EXPECT_NE(message.find("(partitions: 4, microbatches: 0)"), std::string::npos)
+      << message;
 }
 
 TEST(Chart, MeasuredScheduleStartsAtZeroInMillisecondsWithOneRowPerPartition) {
@@ -101,11 +113,13 @@ TEST(Chart, MeasuredScheduleStartsAtZeroInMillisecondsWithOneRowPerPartition) {
 TEST(Chart, SvgHasOneBoxPerSliceAndEscapesTitles) {
   auto layout = gpipe::theoretical_schedule(2, 3);
   layout.title = "a <b> & \"c\"";
-  const auto svg = gpipe::render_svg({layout, gpipe::theoretical_schedule(4, 16)});
+  const auto svg =
+      gpipe::render_svg({layout, gpipe::theoretical_schedule(4, 16)});
   EXPECT_EQ(svg.rfind("<svg", 0), 0u);
   EXPECT_NE(svg.find("a &lt;b&gt; &amp; &quot;c&quot;"), std::string::npos);
   size_t boxes = 0;
-  for (size_t at = svg.find("<title>"); at != std::string::npos; at = svg.find("<title>", at + 1)) {
+  for (size_t at = svg.find("<title>"); at != std::string::npos;
+       at = svg.find("<title>", at + 1)) {
     ++boxes;
   }
   EXPECT_EQ(boxes, 2u * 2 * 3 + 2u * 4 * 16);
@@ -128,24 +142,29 @@ TEST(Chart, SummaryTableAndJsonHaveOneRowPerConfiguration) {
   EXPECT_NE(table.find("3.0"), std::string::npos) << table;
   EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 4);
   const auto json = gpipe::results_json({plain, piped});
-  EXPECT_NE(json.find("\"mode\": \"always \\\"quoted\\\"\""), std::string::npos) << json;
+  EXPECT_NE(json.find("\"mode\": \"always \\\"quoted\\\"\""), std::string::npos)
+      << json;
   EXPECT_NE(json.find("\"step_ms\": 12.5,"), std::string::npos) << json;
   EXPECT_NE(json.find("\"bubble\": null"), std::string::npos) << json;
 }
 
 TEST(Chart, TheoreticalOneFOneBScheduleIsTheLockstepGridWithTheFillDrainSpan) {
-  const auto layout = gpipe::theoretical_schedule(gpipe::Schedule::OneFOneB, 4, 8);
+  const auto layout =
+      gpipe::theoretical_schedule(gpipe::Schedule::OneFOneB, 4, 8);
   EXPECT_EQ(layout.title, "1F1B schedule, theory (K=4, M=8)");
   EXPECT_EQ(layout.slices.size(), 2u * 4 * 8);
   EXPECT_DOUBLE_EQ(layout.span(), 2.0 * (8 + 4 - 1));
-  // The last partition alternates from its first forward on: F0 at tick 3, B0 at 4, F1 at 5.
+  // The last partition alternates from its first forward on: F0 at tick 3, B0
+  // at 4, F1 at 5.
   std::vector<std::pair<gpipe::Phase, double>> last_row;
   for (const auto& slice : layout.slices) {
     if (slice.row == 3 && slice.microbatch <= 1) {
       last_row.emplace_back(slice.phase, slice.start);
     }
   }
-  std::sort(last_row.begin(), last_row.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  std::sort(last_row.begin(), last_row.end(), [](const auto& a, const auto& b) {
+    return a.second < b.second;
+  });
   ASSERT_EQ(last_row.size(), 4u);
   EXPECT_EQ(last_row[0], std::make_pair(gpipe::Phase::Forward, 3.0));
   EXPECT_EQ(last_row[1], std::make_pair(gpipe::Phase::Backward, 4.0));

@@ -27,9 +27,14 @@ struct StepResult {
   torch::Tensor next_random; // what the CPU generator draws after the step
 };
 
-StepResult train_step(Checkpoint mode, int64_t partitions, int64_t microbatches) {
+StepResult train_step(
+    Checkpoint mode,
+    int64_t partitions,
+    int64_t microbatches) {
   auto seq = make_dropout_mlp(3);
-  GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(partitions).microbatches(microbatches).checkpoint(mode));
+  GPipe<torch::nn::Sequential> pipe(
+      seq,
+      GPipeOptions(partitions).microbatches(microbatches).checkpoint(mode));
   torch::manual_seed(42);
   const auto x = torch::randn({12, 8});
   auto output = pipe(x);
@@ -44,42 +49,50 @@ TEST(Checkpointing, RecomputeReplaysTheDropoutMaskOfForward) {
   // does, so a recompute with a fresh mask would show up as a gradient error.
   auto seq = make_dropout_mlp(5);
   auto plain = clone_of(seq);
-  GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(3).microbatches(1).checkpoint(Checkpoint::Always));
+  GPipe<torch::nn::Sequential> pipe(
+      seq, GPipeOptions(3).microbatches(1).checkpoint(Checkpoint::Always));
   const auto x = torch::randn({6, 8});
   torch::manual_seed(11);
   pipe(x).pow(2).sum().backward();
   torch::manual_seed(11);
   plain->forward(x).pow(2).sum().backward();
-  gpipe_test::expect_close(grads_of(seq->parameters()), grads_of(plain->parameters()), 1e-6, "grad");
+  gpipe_test::expect_close(
+      grads_of(seq->parameters()), grads_of(plain->parameters()), 1e-6, "grad");
 }
 
 TEST(Checkpointing, CheckpointModeNeverChangesResultsWithDropout) {
   const auto never = train_step(Checkpoint::Never, 3, 4);
   for (const auto mode : {Checkpoint::ExceptLast, Checkpoint::Always}) {
     const auto other = train_step(mode, 3, 4);
-    EXPECT_TRUE(torch::equal(other.output, never.output)) << gpipe::to_string(mode);
-    gpipe_test::expect_identical(other.grads, never.grads, gpipe::to_string(mode));
+    EXPECT_TRUE(torch::equal(other.output, never.output))
+        << gpipe::to_string(mode);
+    gpipe_test::expect_identical(
+        other.grads, never.grads, gpipe::to_string(mode));
     EXPECT_TRUE(torch::equal(other.next_random, never.next_random))
         << "recompute must leave the generator where forward left it";
   }
 }
 
 TEST(Checkpointing, RepeatedStepsAfterTheSameSeedAreBitIdentical) {
-  for (const auto mode : {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
+  for (const auto mode :
+       {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
     const auto first = train_step(mode, 3, 5);
     const auto second = train_step(mode, 3, 5);
     EXPECT_TRUE(torch::equal(first.output, second.output));
-    gpipe_test::expect_identical(first.grads, second.grads, gpipe::to_string(mode));
+    gpipe_test::expect_identical(
+        first.grads, second.grads, gpipe::to_string(mode));
   }
 }
 
 TEST(Checkpointing, RecomputeRunsUnderGradModeEvenThoughForwardDidNot) {
   std::vector<bool> grad_mode_seen;
-  torch::nn::Sequential seq(torch::nn::Linear(3, 3), gpipe_test::layer([&](torch::Tensor x) {
-                              grad_mode_seen.push_back(torch::GradMode::is_enabled());
-                              return x * 2;
-                            }));
-  GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(2).checkpoint(Checkpoint::Always));
+  torch::nn::Sequential seq(
+      torch::nn::Linear(3, 3), gpipe_test::layer([&](torch::Tensor x) {
+        grad_mode_seen.push_back(torch::GradMode::is_enabled());
+        return x * 2;
+      }));
+  GPipe<torch::nn::Sequential> pipe(
+      seq, GPipeOptions(2).checkpoint(Checkpoint::Always));
   pipe(torch::randn({2, 3})).sum().backward();
   EXPECT_EQ(grad_mode_seen, (std::vector<bool>{false, true}));
 }

@@ -19,7 +19,9 @@ constexpr auto kStageTime = std::chrono::milliseconds(20);
 
 /// Identity that takes kStageTime in forward and in backward.
 struct Sleep : torch::autograd::Function<Sleep> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, const torch::Tensor& x) {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext*,
+      const torch::Tensor& x) {
     std::this_thread::sleep_for(kStageTime);
     return {x.clone()};
   }
@@ -31,16 +33,24 @@ struct Sleep : torch::autograd::Function<Sleep> {
   }
 };
 
-GPipe<torch::nn::Sequential> sleeping_pipe(int64_t n, int64_t m, Schedule schedule, bool concurrent) {
+GPipe<torch::nn::Sequential> sleeping_pipe(
+    int64_t n,
+    int64_t m,
+    Schedule schedule,
+    bool concurrent) {
   torch::nn::Sequential seq;
   for (int64_t j = 0; j < n; ++j) {
     seq->push_back(torch::nn::Linear(2, 2));
-    seq->push_back(gpipe_test::layer([](torch::Tensor x) { return Sleep::apply(x)[0]; }));
+    seq->push_back(
+        gpipe_test::layer([](torch::Tensor x) { return Sleep::apply(x)[0]; }));
   }
   return GPipe<torch::nn::Sequential>(
       seq,
-      GPipeOptions(n).microbatches(m).schedule(schedule).checkpoint(gpipe::Checkpoint::Never).concurrent_cpu_partitions(
-          concurrent));
+      GPipeOptions(n)
+          .microbatches(m)
+          .schedule(schedule)
+          .checkpoint(gpipe::Checkpoint::Never)
+          .concurrent_cpu_partitions(concurrent));
 }
 
 double seconds_since(Clock::time_point start) {
@@ -48,12 +58,15 @@ double seconds_since(Clock::time_point start) {
 }
 
 double ideal(int64_t m, int64_t n) {
-  return static_cast<double>(m + n - 1) * std::chrono::duration<double>(kStageTime).count();
+  return static_cast<double>(m + n - 1) *
+      std::chrono::duration<double>(kStageTime).count();
 }
 
 } // namespace
 
-TEST(Concurrency, ForwardOfCpuPartitionsWithThreadsOfTheirOwnTakesTheFillDrainTime) {
+TEST(
+    Concurrency,
+    ForwardOfCpuPartitionsWithThreadsOfTheirOwnTakesTheFillDrainTime) {
   const int64_t n = 4, m = 8;
   auto pipe = sleeping_pipe(n, m, Schedule::FillDrain, /*concurrent=*/true);
   pipe(torch::randn({m, 2})); // warm-up: workers start on first use
@@ -69,13 +82,16 @@ TEST(Concurrency, StepOverlapsBackwardsToo) {
   const int64_t n = 4, m = 8;
   for (const auto schedule : {Schedule::FillDrain, Schedule::OneFOneB}) {
     auto pipe = sleeping_pipe(n, m, schedule, /*concurrent=*/true);
-    auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& y) { return torch::mse_loss(out, y); };
+    auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& y) {
+      return torch::mse_loss(out, y);
+    };
     pipe->step(torch::randn({m, 2}), torch::randn({m, 2}), loss_fn);
     const auto start = Clock::now();
     pipe->step(torch::randn({m, 2}), torch::randn({m, 2}), loss_fn);
     const double makespan = seconds_since(start);
     EXPECT_GE(makespan, 0.95 * 2 * ideal(m, n)) << gpipe::to_string(schedule);
-    EXPECT_LE(makespan, 1.5 * 2 * ideal(m, n)) << gpipe::to_string(schedule) << ": ideal " << 2 * ideal(m, n) << " s";
+    EXPECT_LE(makespan, 1.5 * 2 * ideal(m, n))
+        << gpipe::to_string(schedule) << ": ideal " << 2 * ideal(m, n) << " s";
   }
 }
 
@@ -85,23 +101,37 @@ TEST(Concurrency, CpuPartitionsShareOneThreadByDefault) {
   const auto start = Clock::now();
   pipe(torch::randn({m, 2}));
   // Nothing overlaps: m n t.
-  EXPECT_GE(seconds_since(start), 0.95 * static_cast<double>(m * n) * std::chrono::duration<double>(kStageTime).count());
+  EXPECT_GE(
+      seconds_since(start),
+      0.95 * static_cast<double>(m * n) *
+          std::chrono::duration<double>(kStageTime).count());
 }
 
 TEST(Concurrency, ConcurrentCpuPartitionsStillTrainLikePlain) {
   auto seq = gpipe_test::make_mlp(4, 6, 2);
   auto plain = gpipe_test::clone_of(seq);
-  GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(4).microbatches(5).concurrent_cpu_partitions(true));
+  GPipe<torch::nn::Sequential> pipe(
+      seq, GPipeOptions(4).microbatches(5).concurrent_cpu_partitions(true));
   const auto x = torch::randn({11, 6});
   torch::mse_loss(pipe(x), x).backward();
   torch::mse_loss(plain->forward(x), x).backward();
-  gpipe_test::expect_close(gpipe_test::grads_of(seq->parameters()), gpipe_test::grads_of(plain->parameters()), 1e-6, "forward");
+  gpipe_test::expect_close(
+      gpipe_test::grads_of(seq->parameters()),
+      gpipe_test::grads_of(plain->parameters()),
+      1e-6,
+      "forward");
   for (const auto schedule : {Schedule::FillDrain, Schedule::OneFOneB}) {
     pipe->options.schedule(schedule);
     for (auto& p : seq->parameters()) {
       p.mutable_grad().reset();
     }
-    pipe->step(x, x, [](const auto& out, const auto& y) { return torch::mse_loss(out, y); });
-    gpipe_test::expect_close(gpipe_test::grads_of(seq->parameters()), gpipe_test::grads_of(plain->parameters()), 1e-6, gpipe::to_string(schedule));
+    pipe->step(x, x, [](const auto& out, const auto& y) {
+      return torch::mse_loss(out, y);
+    });
+    gpipe_test::expect_close(
+        gpipe_test::grads_of(seq->parameters()),
+        gpipe_test::grads_of(plain->parameters()),
+        1e-6,
+        gpipe::to_string(schedule));
   }
 }

@@ -15,11 +15,18 @@ using gpipe_test::make_mlp;
 
 namespace {
 
-void expect_trains_like_plain_on(const std::vector<torch::Device>& devices, Checkpoint mode) {
+void expect_trains_like_plain_on(
+    const std::vector<torch::Device>& devices,
+    Checkpoint mode) {
   auto seq = make_mlp(4, 16, 1);
   auto plain = clone_of(seq);
   plain->to(torch::kCPU);
-  GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(static_cast<int64_t>(devices.size())).microbatches(4).devices(devices).checkpoint(mode));
+  GPipe<torch::nn::Sequential> pipe(
+      seq,
+      GPipeOptions(static_cast<int64_t>(devices.size()))
+          .microbatches(4)
+          .devices(devices)
+          .checkpoint(mode));
   const auto x = torch::randn({10, 16});
   const auto y = torch::randn({10, 16});
   auto x_pipe = x.clone().requires_grad_();
@@ -28,7 +35,8 @@ void expect_trains_like_plain_on(const std::vector<torch::Device>& devices, Chec
   EXPECT_EQ(out.device(), devices.back());
   torch::mse_loss(out, y.to(out.device())).backward();
   torch::mse_loss(plain->forward(x_plain), y).backward();
-  gpipe_test::expect_close(grads_of(seq->parameters()), grads_of(plain->parameters()), 1e-5, "grad");
+  gpipe_test::expect_close(
+      grads_of(seq->parameters()), grads_of(plain->parameters()), 1e-5, "grad");
   EXPECT_LE(gpipe_test::max_abs_diff(x_pipe.grad(), x_plain.grad()), 1e-5);
 }
 
@@ -37,7 +45,8 @@ void expect_trains_like_plain_on(const std::vector<torch::Device>& devices, Chec
 TEST(Cuda, PartitionsSharingOneGpuTrainLikePlain_CUDA) {
   SKIP_WITHOUT_CUDA();
   const torch::Device gpu("cuda:0");
-  for (const auto mode : {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
+  for (const auto mode :
+       {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
     expect_trains_like_plain_on({gpu, gpu, gpu, gpu}, mode);
   }
 }
@@ -66,7 +75,9 @@ TEST(Cuda, DefaultDevicesAreTheGpusRoundRobin_CUDA) {
   GPipe<torch::nn::Sequential> pipe(make_mlp(2, 2), GPipeOptions(3));
   const auto count = static_cast<c10::DeviceIndex>(torch::cuda::device_count());
   for (c10::DeviceIndex j = 0; j < 3; ++j) {
-    EXPECT_EQ(pipe->options.devices()[static_cast<size_t>(j)], torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(j % count)));
+    EXPECT_EQ(
+        pipe->options.devices()[static_cast<size_t>(j)],
+        torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(j % count)));
   }
 }
 
@@ -74,15 +85,22 @@ TEST(Cuda, DropoutOnGpuIsReplayedAndDeterministic_CUDA) {
   SKIP_WITHOUT_CUDA();
   auto run = [](Checkpoint mode) {
     torch::manual_seed(3);
-    torch::nn::Sequential seq(torch::nn::Linear(8, 8), torch::nn::Dropout(0.5), torch::nn::Linear(8, 8), torch::nn::Dropout(0.5));
+    torch::nn::Sequential seq(
+        torch::nn::Linear(8, 8),
+        torch::nn::Dropout(0.5),
+        torch::nn::Linear(8, 8),
+        torch::nn::Dropout(0.5));
     const torch::Device gpu("cuda:0");
-    GPipe<torch::nn::Sequential> pipe(seq, GPipeOptions(2).microbatches(3).checkpoint(mode).devices({gpu, gpu}));
+    GPipe<torch::nn::Sequential> pipe(
+        seq,
+        GPipeOptions(2).microbatches(3).checkpoint(mode).devices({gpu, gpu}));
     torch::manual_seed(5);
     const auto x = torch::randn({9, 8});
     pipe(x).pow(2).sum().backward();
     return grads_of(seq->parameters());
   };
   const auto never = run(Checkpoint::Never);
-  gpipe_test::expect_identical(run(Checkpoint::Always), never, "always vs never");
+  gpipe_test::expect_identical(
+      run(Checkpoint::Always), never, "always vs never");
   gpipe_test::expect_identical(run(Checkpoint::Never), never, "repeat");
 }

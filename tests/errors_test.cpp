@@ -15,7 +15,9 @@ using gpipe_test::make_mlp;
 using Pipe = GPipe<torch::nn::Sequential>;
 
 TEST(BadInput, ZeroPartitionsIsRejected) {
-  EXPECT_EQ(error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(0)); }), "gpipe: partitions must be at least 1 (partitions: 0)");
+  EXPECT_EQ(
+      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(0)); }),
+      "gpipe: partitions must be at least 1 (partitions: 0)");
 }
 
 TEST(BadInput, MorePartitionsThanLayersIsRejected) {
@@ -32,25 +34,35 @@ TEST(BadInput, ZeroMicrobatchesIsRejected) {
 
 TEST(BadInput, BalanceOfTheWrongLengthIsRejected) {
   EXPECT_EQ(
-      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 1, 2})); }),
+      error_of([] {
+        Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 1, 2}));
+      }),
       "gpipe: balance and partitions have different lengths (balance: 3, partitions: 2)");
 }
 
 TEST(BadInput, BalanceWithAnEmptyPartitionIsRejected) {
   EXPECT_EQ(
-      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({4, 0})); }),
+      error_of([] {
+        Pipe(make_mlp(2, 2), GPipeOptions(2).balance({4, 0}));
+      }),
       "gpipe: every partition needs at least one layer (balance[1]: 0)");
 }
 
 TEST(BadInput, BalanceThatDoesNotSumToTheLayersIsRejected) {
   EXPECT_EQ(
-      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 2})); }),
+      error_of([] {
+        Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 2}));
+      }),
       "gpipe: balance does not sum to the number of layers (sum of balance: 3, layers: 4)");
 }
 
 TEST(BadInput, FewerDevicesThanPartitionsIsRejected) {
   EXPECT_EQ(
-      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(3).devices({torch::kCPU, torch::kCPU})); }),
+      error_of([] {
+        Pipe(
+            make_mlp(2, 2),
+            GPipeOptions(3).devices({torch::kCPU, torch::kCPU}));
+      }),
       "gpipe: fewer devices than partitions (devices: 2, partitions: 3)");
 }
 
@@ -65,7 +77,11 @@ TEST(BadInput, AnUnavailableCudaDeviceIsRejected) {
     GTEST_SKIP() << "a GPU is present";
   }
   EXPECT_EQ(
-      error_of([] { Pipe(make_mlp(2, 2), GPipeOptions(2).devices({torch::kCPU, torch::Device("cuda:0")})); }),
+      error_of([] {
+        Pipe(
+            make_mlp(2, 2),
+            GPipeOptions(2).devices({torch::kCPU, torch::Device("cuda:0")}));
+      }),
       "gpipe: device cuda:0 asked for, but no CUDA device is available");
 }
 
@@ -79,7 +95,9 @@ TEST(BadInput, AnInputWithoutBatchDimensionIsRejected) {
 TEST(BadInput, AnEmptyBatchIsRejected) {
   Pipe pipe(make_mlp(2, 2), GPipeOptions(2));
   EXPECT_EQ(
-      error_of([&] { pipe(torch::randn({0, 2})); }),
+      error_of([&] {
+        pipe(torch::randn({0, 2}));
+      }),
       "gpipe: input has an empty batch (input shape: [0, 2])");
 }
 
@@ -87,8 +105,15 @@ TEST(BadInput, AShapeErrorInsideAStageNamesThePartition) {
   torch::nn::Sequential seq(torch::nn::Linear(4, 3), torch::nn::Linear(4, 2));
   Pipe pipe(seq, GPipeOptions(2).microbatches(2));
   const auto message = error_of([&] { pipe(torch::randn({4, 4})); });
-  EXPECT_EQ(message.rfind("gpipe: partition 1 failed on micro-batch 0 in forward: ", 0), 0u) << message;
-  EXPECT_NE(message.find("mat1 and mat2 shapes cannot be multiplied"), std::string::npos) << message;
+  EXPECT_EQ(
+      message.rfind(
+          "gpipe: partition 1 failed on micro-batch 0 in forward: ", 0),
+      0u)
+      << message;
+  EXPECT_NE(
+      message.find("mat1 and mat2 shapes cannot be multiplied"),
+      std::string::npos)
+      << message;
 }
 
 namespace {
@@ -108,7 +133,9 @@ struct Saboteur {
       }
       if (x.requires_grad() && x.size(0) == fail_backward_rows) {
         x = x.clone();
-        x.register_hook([](torch::Tensor g) -> torch::Tensor { throw std::runtime_error("saboteur struck in backward"); });
+        x.register_hook([](torch::Tensor g) -> torch::Tensor {
+          throw std::runtime_error("saboteur struck in backward");
+        });
       }
       return x;
     });
@@ -117,27 +144,39 @@ struct Saboteur {
 
 } // namespace
 
-TEST(Faults, AnExceptionInForwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
+TEST(
+    Faults,
+    AnExceptionInForwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
   Saboteur saboteur;
-  torch::nn::Sequential seq(torch::nn::Linear(3, 3), saboteur.layer(), torch::nn::Linear(3, 3));
+  torch::nn::Sequential seq(
+      torch::nn::Linear(3, 3), saboteur.layer(), torch::nn::Linear(3, 3));
   Pipe pipe(seq, GPipeOptions(2).microbatches(4));
   saboteur.fail_forward_on = 2;
   const auto message = error_of([&] { pipe(torch::randn({8, 3})); });
-  EXPECT_EQ(message, "gpipe: partition 0 failed on micro-batch 2 in forward: saboteur struck in forward");
+  EXPECT_EQ(
+      message,
+      "gpipe: partition 0 failed on micro-batch 2 in forward: saboteur struck in forward");
   saboteur.fail_forward_on = -1;
   pipe(torch::randn({8, 3})).sum().backward();
   EXPECT_TRUE(seq->parameters()[0].grad().defined());
 }
 
-TEST(Faults, AnExceptionInBackwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
+TEST(
+    Faults,
+    AnExceptionInBackwardReachesTheCallerWithItsCellAndThePipeStaysUsable) {
   for (const auto mode : {Checkpoint::Never, Checkpoint::Always}) {
     Saboteur saboteur;
-    torch::nn::Sequential seq(torch::nn::Linear(3, 3), torch::nn::Linear(3, 3), saboteur.layer());
+    torch::nn::Sequential seq(
+        torch::nn::Linear(3, 3), torch::nn::Linear(3, 3), saboteur.layer());
     Pipe pipe(seq, GPipeOptions(2).microbatches(4).checkpoint(mode));
     // A batch of 7 in 4 micro-batches has rows 2, 2, 2, 1: only #3 has one.
     saboteur.fail_backward_rows = 1;
-    const auto message = error_of([&] { pipe(torch::randn({7, 3})).sum().backward(); });
-    EXPECT_EQ(message, "gpipe: partition 1 failed on micro-batch 3 in backward: saboteur struck in backward")
+    const auto message = error_of([&] {
+      pipe(torch::randn({7, 3})).sum().backward();
+    });
+    EXPECT_EQ(
+        message,
+        "gpipe: partition 1 failed on micro-batch 3 in backward: saboteur struck in backward")
         << gpipe::to_string(mode);
     saboteur.fail_backward_rows = -1;
     pipe(torch::randn({8, 3})).sum().backward();
@@ -149,7 +188,10 @@ TEST(Faults, DoubleBackwardIsRejectedClearly) {
   const auto x = torch::randn({2, 3}, torch::requires_grad());
   const auto out = pipe(x).pow(2).sum();
   EXPECT_EQ(
-      error_of([&] { torch::autograd::grad({out}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true); }),
+      error_of([&] {
+        torch::autograd::grad(
+            {out}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+      }),
       "gpipe: double backward through a pipe is not supported (call backward without create_graph=true)");
 }
 
@@ -167,9 +209,12 @@ TEST(Workers, TasksOnDifferentWorkersRunAtTheSameTime) {
     --running;
   };
   std::vector<gpipe::detail::DeviceTask> tasks = {
-      {&first, torch::kCPU, task}, {&second, torch::kCPU, task}, {nullptr, torch::kCPU, task}};
+      {&first, torch::kCPU, task},
+      {&second, torch::kCPU, task},
+      {nullptr, torch::kCPU, task}};
   const auto start = std::chrono::steady_clock::now();
-  gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+  gpipe::detail::run_on_workers(
+      tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
   const auto elapsed = std::chrono::steady_clock::now() - start;
   EXPECT_EQ(most.load(), 3);
   EXPECT_LT(elapsed, std::chrono::milliseconds(290));
@@ -180,13 +225,16 @@ TEST(Workers, TheFirstFailureByTaskOrderIsRethrownAfterAllTasksFinish) {
   std::atomic<bool> slow_finished{false};
   std::vector<gpipe::detail::DeviceTask> tasks = {
       {&first, torch::kCPU, [] { throw std::runtime_error("first"); }},
-      {&second, torch::kCPU, [&] {
+      {&second,
+       torch::kCPU,
+       [&] {
          std::this_thread::sleep_for(std::chrono::milliseconds(50));
          slow_finished = true;
        }},
       {nullptr, torch::kCPU, [] { throw std::runtime_error("third"); }}};
   try {
-    gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+    gpipe::detail::run_on_workers(
+        tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
     FAIL() << "expected an exception";
   } catch (const std::runtime_error& e) {
     EXPECT_STREQ(e.what(), "first");
@@ -200,6 +248,7 @@ TEST(Workers, WorkersSeeTheCallersGradMode) {
   std::vector<gpipe::detail::DeviceTask> tasks = {
       {&worker, torch::kCPU, [&] { seen = torch::GradMode::is_enabled(); }}};
   torch::NoGradGuard no_grad;
-  gpipe::detail::run_on_workers(tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
+  gpipe::detail::run_on_workers(
+      tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
   EXPECT_FALSE(seen);
 }

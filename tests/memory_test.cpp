@@ -17,7 +17,9 @@ TEST(Memory, CpuMeterSeesAFourMegabyteTensorExactly) {
   gpipe::MemoryMeter meter({cpu});
   {
     auto t = torch::empty({kFourMegabytes / 4}, torch::kFloat);
-    EXPECT_EQ(gpipe::memory_stats(cpu).current_bytes - meter.start_bytes(cpu), kFourMegabytes);
+    EXPECT_EQ(
+        gpipe::memory_stats(cpu).current_bytes - meter.start_bytes(cpu),
+        kFourMegabytes);
   }
   EXPECT_EQ(meter.peak_increase_bytes(cpu), kFourMegabytes);
   // Freed: back where it started, the peak stays.
@@ -41,7 +43,8 @@ TEST(Memory, CpuMeterCountsAllocationsOfOtherThreads) {
   const torch::Device cpu(torch::kCPU);
   gpipe::MemoryMeter meter({cpu});
   torch::Tensor kept;
-  std::thread worker([&] { kept = torch::empty({kFourMegabytes}, torch::kUInt8); });
+  std::thread worker(
+      [&] { kept = torch::empty({kFourMegabytes}, torch::kUInt8); });
   worker.join();
   EXPECT_EQ(meter.peak_increase_bytes(cpu), kFourMegabytes);
   kept.reset();
@@ -59,7 +62,8 @@ TEST(Memory, TensorsOfTheCountingAllocatorComputeAndCopyNormally) {
 
 TEST(Memory, MeterRejectsADeviceItDoesNotMeasure) {
   gpipe::MemoryMeter meter({torch::Device(torch::kCPU)});
-  const auto message = gpipe_test::error_of([&] { meter.peak_bytes(torch::Device("cuda:3")); });
+  const auto message =
+      gpipe_test::error_of([&] { meter.peak_bytes(torch::Device("cuda:3")); });
   EXPECT_NE(message.find("(device: cuda:3)"), std::string::npos) << message;
 }
 
@@ -70,8 +74,12 @@ TEST(Memory, CudaMeterSeesAFourMegabyteTensor_CUDA) {
   const torch::Device gpu("cuda:0");
   gpipe::MemoryMeter meter({gpu});
   {
-    auto t = torch::empty({kFourMegabytes / 4}, torch::TensorOptions().dtype(torch::kFloat).device(gpu));
-    EXPECT_EQ(gpipe::memory_stats(gpu).current_bytes - meter.start_bytes(gpu), kFourMegabytes);
+    auto t = torch::empty(
+        {kFourMegabytes / 4},
+        torch::TensorOptions().dtype(torch::kFloat).device(gpu));
+    EXPECT_EQ(
+        gpipe::memory_stats(gpu).current_bytes - meter.start_bytes(gpu),
+        kFourMegabytes);
   }
   EXPECT_EQ(meter.peak_increase_bytes(gpu), kFourMegabytes);
 }
@@ -85,7 +93,9 @@ TEST(Memory, RawAllocationsThroughTheCountingAllocatorAreCountedAndFreed) {
   auto* allocator = c10::GetCPUAllocator();
   void* raw = allocator->raw_allocate(kFourMegabytes);
   ASSERT_NE(raw, nullptr);
-  EXPECT_EQ(gpipe::memory_stats(cpu).current_bytes - meter.start_bytes(cpu), kFourMegabytes);
+  EXPECT_EQ(
+      gpipe::memory_stats(cpu).current_bytes - meter.start_bytes(cpu),
+      kFourMegabytes);
   allocator->raw_deallocate(raw);
   EXPECT_EQ(gpipe::memory_stats(cpu).current_bytes, meter.start_bytes(cpu));
 }

@@ -1,7 +1,7 @@
 #include "test_support.h"
 
-using gpipe::ClockTick;
 using gpipe::clock_cycles;
+using gpipe::ClockTick;
 
 TEST(ClockCycles, OneMicrobatchOnePartitionIsOneTick) {
   EXPECT_EQ(clock_cycles(1, 1), (std::vector<ClockTick>{{{0, 0}}}));
@@ -83,7 +83,9 @@ Action B(int64_t i) {
 } // namespace
 
 TEST(ScheduleActions, FillDrainRunsEveryForwardThenBackwardsInReverse) {
-  const gpipe::PartitionActions expected = {{F(0), F(1), F(2), B(2), B(1), B(0)}, {F(0), F(1), F(2), B(2), B(1), B(0)}};
+  const gpipe::PartitionActions expected = {
+      {F(0), F(1), F(2), B(2), B(1), B(0)},
+      {F(0), F(1), F(2), B(2), B(1), B(0)}};
   EXPECT_EQ(gpipe::schedule_actions(Schedule::FillDrain, 3, 2), expected);
 }
 
@@ -99,14 +101,17 @@ TEST(ScheduleActions, OneFOneBWarmsUpThenAlternatesThenDrains) {
   EXPECT_EQ(gpipe::schedule_actions(Schedule::OneFOneB, 6, 4), expected);
 }
 
-TEST(ScheduleActions, OneFOneBWithFewerMicrobatchesThanPartitionsCutsTheWarmUp) {
+TEST(
+    ScheduleActions,
+    OneFOneBWithFewerMicrobatchesThanPartitionsCutsTheWarmUp) {
   const auto actions = gpipe::schedule_actions(Schedule::OneFOneB, 2, 4);
   EXPECT_EQ(actions[0], (std::vector<Action>{F(0), F(1), B(0), B(1)}));
   EXPECT_EQ(actions[3], (std::vector<Action>{F(0), B(0), F(1), B(1)}));
 }
 
 TEST(Lockstep, OneFOneBOnFourPartitionsLaysOutAsTheTextbookGrid) {
-  const auto grid = gpipe::lockstep(gpipe::schedule_actions(Schedule::OneFOneB, 4, 4), 4, 4);
+  const auto grid =
+      gpipe::lockstep(gpipe::schedule_actions(Schedule::OneFOneB, 4, 4), 4, 4);
   EXPECT_EQ(
       gpipe::format_grid(grid, 4),
       "step  p0    p1    p2    p3  \n"
@@ -126,13 +131,17 @@ TEST(Lockstep, OneFOneBOnFourPartitionsLaysOutAsTheTextbookGrid) {
       "  13  B3    .     .     .   \n");
 }
 
-TEST(Lockstep, AcceptsEveryGeneratedScheduleUpToEightPartitionsAndThirtyTwoMicrobatches) {
+TEST(
+    Lockstep,
+    AcceptsEveryGeneratedScheduleUpToEightPartitionsAndThirtyTwoMicrobatches) {
   for (const auto schedule : {Schedule::FillDrain, Schedule::OneFOneB}) {
     for (int64_t n = 1; n <= 8; ++n) {
       for (int64_t m = 1; m <= 32; ++m) {
-        const auto grid = gpipe::lockstep(gpipe::schedule_actions(schedule, m, n), m, n);
+        const auto grid =
+            gpipe::lockstep(gpipe::schedule_actions(schedule, m, n), m, n);
         // Both schedules keep the fill-drain bubble: 2 (m + n - 1) steps.
-        EXPECT_EQ(static_cast<int64_t>(grid.size()), 2 * (m + n - 1)) << gpipe::to_string(schedule) << " m " << m << " n " << n;
+        EXPECT_EQ(static_cast<int64_t>(grid.size()), 2 * (m + n - 1))
+            << gpipe::to_string(schedule) << " m " << m << " n " << n;
       }
     }
   }
@@ -161,19 +170,37 @@ TEST(Lockstep, RejectsABackwardBeforeItsForward) {
 }
 
 TEST(Lockstep, RejectsAMissingOrRepeatedAction) {
-  const gpipe::PartitionActions missing = {{F(0), F(1), B(1)}, {F(0), F(1), B(1), B(0)}};
-  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(missing, 2, 2); }).find("partition 0: B0 is missing"), std::string::npos);
+  const gpipe::PartitionActions missing = {
+      {F(0), F(1), B(1)}, {F(0), F(1), B(1), B(0)}};
+  EXPECT_NE(
+      gpipe_test::error_of([&] {
+        gpipe::lockstep(missing, 2, 2);
+      }).find("partition 0: B0 is missing"),
+      std::string::npos);
   const gpipe::PartitionActions repeated = {{F(0), F(0), B(0)}};
-  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(repeated, 1, 1); }).find("partition 0: F0 appears twice"), std::string::npos);
+  EXPECT_NE(
+      gpipe_test::error_of([&] {
+        gpipe::lockstep(repeated, 1, 1);
+      }).find("partition 0: F0 appears twice"),
+      std::string::npos);
   const gpipe::PartitionActions out_of_range = {{F(0), F(2), B(0)}};
-  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep(out_of_range, 1, 1); }).find("F2 is out of range"), std::string::npos);
-  EXPECT_NE(gpipe_test::error_of([&] { gpipe::lockstep({}, 1, 1); }).find("actions for 0 partitions, expected 1"), std::string::npos);
+  EXPECT_NE(
+      gpipe_test::error_of([&] {
+        gpipe::lockstep(out_of_range, 1, 1);
+      }).find("F2 is out of range"),
+      std::string::npos);
+  EXPECT_NE(
+      gpipe_test::error_of([&] {
+        gpipe::lockstep({}, 1, 1);
+      }).find("actions for 0 partitions, expected 1"),
+      std::string::npos);
 }
 
 TEST(Lockstep, RejectsAnOrderThatDeadlocksAndPrintsTheGridSoFar) {
   // Partition 0 wants B0 before F1; partition 1 needs F1 before it can
   // produce B0: each waits for the other.
-  const gpipe::PartitionActions bad = {{F(0), B(0), F(1), B(1)}, {F(0), F(1), B(0), B(1)}};
+  const gpipe::PartitionActions bad = {
+      {F(0), B(0), F(1), B(1)}, {F(0), F(1), B(0), B(1)}};
   EXPECT_EQ(
       gpipe_test::error_of([&] { gpipe::lockstep(bad, 2, 2); }),
       "gpipe: invalid schedule: deadlock at step 2 (p0 waits at B0, p1 waits at F1)\n"

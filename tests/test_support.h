@@ -12,7 +12,10 @@
 namespace gpipe_test {
 
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
-inline torch::nn::Sequential make_mlp(int64_t layers, int64_t width, uint64_t seed = 0) {
+inline torch::nn::Sequential make_mlp(
+    int64_t layers,
+    int64_t width,
+    uint64_t seed = 0) {
   torch::manual_seed(seed);
   torch::nn::Sequential seq;
   for (int64_t l = 0; l < layers; ++l) {
@@ -27,7 +30,8 @@ inline torch::nn::Sequential clone_of(const torch::nn::Sequential& seq) {
   return std::dynamic_pointer_cast<torch::nn::SequentialImpl>(seq->clone());
 }
 
-inline std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& parameters) {
+inline std::vector<torch::Tensor> grads_of(
+    const std::vector<torch::Tensor>& parameters) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : parameters) {
     grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
@@ -51,8 +55,10 @@ inline void expect_close(
   for (size_t k = 0; k < actual.size(); ++k) {
     ASSERT_EQ(actual[k].defined(), expected[k].defined()) << what << " #" << k;
     if (actual[k].defined()) {
-      const double scale = std::max(1.0, expected[k].abs().max().item<double>());
-      EXPECT_LE(max_abs_diff(actual[k], expected[k]), tolerance * scale) << what << " #" << k;
+      const double scale =
+          std::max(1.0, expected[k].abs().max().item<double>());
+      EXPECT_LE(max_abs_diff(actual[k], expected[k]), tolerance * scale)
+          << what << " #" << k;
     }
   }
 }
@@ -79,7 +85,8 @@ std::string error_of(Fn&& fn) {
 }
 
 /// A layer made of a function, for tests that need a layer to misbehave.
-inline torch::nn::Functional layer(std::function<torch::Tensor(torch::Tensor)> fn) {
+inline torch::nn::Functional layer(
+    std::function<torch::Tensor(torch::Tensor)> fn) {
   return torch::nn::Functional(std::move(fn));
 }
 

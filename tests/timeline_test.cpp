@@ -50,11 +50,13 @@ class JsonParser {
  private:
   void expect(bool ok, const char* what) const {
     if (!ok) {
-      throw std::runtime_error(std::string(what) + " at offset " + std::to_string(pos_));
+      throw std::runtime_error(
+          std::string(what) + " at offset " + std::to_string(pos_));
     }
   }
   void skip_space() {
-    while (pos_ < text_.size() && std::isspace(static_cast<unsigned char>(text_[pos_]))) {
+    while (pos_ < text_.size() &&
+           std::isspace(static_cast<unsigned char>(text_[pos_]))) {
       ++pos_;
     }
   }
@@ -83,7 +85,9 @@ class JsonParser {
       if (c == '"') {
         return out;
       }
-      expect(static_cast<unsigned char>(c) >= 0x20, "raw control character in a string");
+      expect(
+          static_cast<unsigned char>(c) >= 0x20,
+          "raw control character in a string");
       if (c != '\\') {
         out.push_back(c);
         continue;
@@ -94,13 +98,22 @@ class JsonParser {
       if (e == 'u') {
         expect(pos_ + 4 <= text_.size(), "short \\u escape");
         for (int k = 0; k < 4; ++k) {
-          expect(std::isxdigit(static_cast<unsigned char>(text_[pos_ + k])), "bad \\u escape");
+          expect(
+              std::isxdigit(static_cast<unsigned char>(text_[pos_ + k])),
+              "bad \\u escape");
         }
-        out.push_back(static_cast<char>(std::stoi(text_.substr(pos_, 4), nullptr, 16)));
+        out.push_back(
+            static_cast<char>(std::stoi(text_.substr(pos_, 4), nullptr, 16)));
         pos_ += 4;
       } else {
         expect(simple.find(e) != std::string::npos, "bad escape");
-        out.push_back(e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e == 'b' ? '\b' : e == 'f' ? '\f' : e);
+        out.push_back(
+            e == 'n'       ? '\n'
+                : e == 't' ? '\t'
+                : e == 'r' ? '\r'
+                : e == 'b' ? '\b'
+                : e == 'f' ? '\f'
+                           : e);
       }
     }
   }
@@ -144,9 +157,13 @@ class JsonParser {
       if (text_[pos_] == '-') {
         ++pos_;
       }
-      expect(pos_ < text_.size() && std::isdigit(static_cast<unsigned char>(text_[pos_])), "bad number");
-      while (pos_ < text_.size() && (std::isdigit(static_cast<unsigned char>(text_[pos_])) ||
-                                     std::string(".eE+-").find(text_[pos_]) != std::string::npos)) {
+      expect(
+          pos_ < text_.size() &&
+              std::isdigit(static_cast<unsigned char>(text_[pos_])),
+          "bad number");
+      while (pos_ < text_.size() &&
+             (std::isdigit(static_cast<unsigned char>(text_[pos_])) ||
+              std::string(".eE+-").find(text_[pos_]) != std::string::npos)) {
         ++pos_;
       }
       value.kind = Json::Number;
@@ -160,10 +177,14 @@ class JsonParser {
 };
 
 /// One training step of a K-partition, M-micro-batch pipe with a timeline.
-std::vector<TimelineEvent> record_step(int64_t partitions, int64_t microbatches, Checkpoint mode) {
+std::vector<TimelineEvent> record_step(
+    int64_t partitions,
+    int64_t microbatches,
+    Checkpoint mode) {
   auto seq = gpipe_test::make_mlp(/*layers=*/4, /*width=*/8);
   GPipe<torch::nn::Sequential> pipe(
-      seq, GPipeOptions(partitions).microbatches(microbatches).checkpoint(mode));
+      seq,
+      GPipeOptions(partitions).microbatches(microbatches).checkpoint(mode));
   auto timeline = std::make_shared<gpipe::Timeline>();
   pipe->set_timeline(timeline);
   const auto x = torch::randn({16, 8});
@@ -183,13 +204,23 @@ std::map<Cell, int> count_cells(const std::vector<TimelineEvent>& events) {
 
 } // namespace
 
-TEST(Timeline, NeverCheckpointingRecordsOneForwardAndOneBackwardPerCellAndNoRecompute) {
+TEST(
+    Timeline,
+    NeverCheckpointingRecordsOneForwardAndOneBackwardPerCellAndNoRecompute) {
   const auto events = record_step(4, 4, Checkpoint::Never);
   const auto counts = count_cells(events);
   for (int64_t i = 0; i < 4; ++i) {
     for (int64_t j = 0; j < 4; ++j) {
-      EXPECT_EQ(counts.count({j, i, Phase::Forward}) ? counts.at({j, i, Phase::Forward}) : 0, 1);
-      EXPECT_EQ(counts.count({j, i, Phase::Backward}) ? counts.at({j, i, Phase::Backward}) : 0, 1);
+      EXPECT_EQ(
+          counts.count({j, i, Phase::Forward})
+              ? counts.at({j, i, Phase::Forward})
+              : 0,
+          1);
+      EXPECT_EQ(
+          counts.count({j, i, Phase::Backward})
+              ? counts.at({j, i, Phase::Backward})
+              : 0,
+          1);
     }
   }
   for (const auto& event : events) {
@@ -203,9 +234,11 @@ TEST(Timeline, AlwaysCheckpointingRecordsARecomputeBeforeEveryBackward) {
   const auto counts = count_cells(events);
   for (int64_t i = 0; i < 4; ++i) {
     for (int64_t j = 0; j < 3; ++j) {
-      for (const auto phase : {Phase::Forward, Phase::Recompute, Phase::Backward}) {
+      for (const auto phase :
+           {Phase::Forward, Phase::Recompute, Phase::Backward}) {
         EXPECT_EQ(counts.count({j, i, phase}) ? counts.at({j, i, phase}) : 0, 1)
-            << "partition " << j << " micro-batch " << i << " " << gpipe::to_string(phase);
+            << "partition " << j << " micro-batch " << i << " "
+            << gpipe::to_string(phase);
       }
     }
   }
@@ -214,31 +247,39 @@ TEST(Timeline, AlwaysCheckpointingRecordsARecomputeBeforeEveryBackward) {
       continue;
     }
     for (const auto& b : events) {
-      if (b.phase == Phase::Backward && b.partition == r.partition && b.microbatch == r.microbatch) {
+      if (b.phase == Phase::Backward && b.partition == r.partition &&
+          b.microbatch == r.microbatch) {
         EXPECT_LE(r.end_us, b.start_us);
       }
     }
   }
 }
 
-TEST(Timeline, ExceptLastCheckpointingSkipsTheRecomputeOfTheLastMicrobatchOnly) {
+TEST(
+    Timeline,
+    ExceptLastCheckpointingSkipsTheRecomputeOfTheLastMicrobatchOnly) {
   const auto counts = count_cells(record_step(2, 4, Checkpoint::ExceptLast));
   for (int64_t j = 0; j < 2; ++j) {
     for (int64_t i = 0; i < 3; ++i) {
-      EXPECT_EQ(counts.count({j, i, Phase::Recompute}), 1u) << "partition " << j << " micro-batch " << i;
+      EXPECT_EQ(counts.count({j, i, Phase::Recompute}), 1u)
+          << "partition " << j << " micro-batch " << i;
     }
     EXPECT_EQ(counts.count({j, 3, Phase::Recompute}), 0u) << "partition " << j;
   }
 }
 
 TEST(Trace, JsonStringsEscapeQuotesBackslashesAndControlCharacters) {
-  EXPECT_EQ(gpipe::detail::json_string("a\"b\\c\nd\x01"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+  EXPECT_EQ(
+      gpipe::detail::json_string("a\"b\\c\nd\x01"),
+      "\"a\\\"b\\\\c\\nd\\u0001\"");
   EXPECT_EQ(gpipe::detail::json_number(12.5), "12.5");
   EXPECT_EQ(gpipe::detail::json_number(3.0), "3");
   EXPECT_EQ(gpipe::detail::json_number(std::nan("")), "null");
 }
 
-TEST(Trace, ChromeTraceOfARealStepParsesAndHasOneSlicePerPartitionMicrobatchAndPhase) {
+TEST(
+    Trace,
+    ChromeTraceOfARealStepParsesAndHasOneSlicePerPartitionMicrobatchAndPhase) {
   const int64_t partitions = 3;
   const int64_t microbatches = 4;
   const auto events = record_step(partitions, microbatches, Checkpoint::Always);
@@ -281,7 +322,9 @@ TEST(Trace, ChromeTraceOfARealStepParsesAndHasOneSlicePerPartitionMicrobatchAndP
   for (const auto& slice : slices) {
     EXPECT_EQ(slice.second, 1);
   }
-  EXPECT_EQ(thread_names, (std::set<std::string>{"partition 0", "partition 1", "partition 2"}));
+  EXPECT_EQ(
+      thread_names,
+      (std::set<std::string>{"partition 0", "partition 1", "partition 2"}));
 }
 
 TEST(Trace, ChromeTraceOfNoEventsIsAnEmptyValidTrace) {

@@ -60,7 +60,10 @@ struct ScheduleLayout {
 
 namespace detail {
 
-inline void check_pipe_shape(int64_t partitions, int64_t microbatches, const char* what) {
+inline void check_pipe_shape(
+    int64_t partitions,
+    int64_t microbatches,
+    const char* what) {
   TORCH_CHECK(
       partitions >= 1 && microbatches >= 1,
       "gpipe: ",
@@ -77,7 +80,8 @@ inline void check_pipe_shape(int64_t partitions, int64_t microbatches, const cha
 /// The paper's efficiency of a K-stage pipe fed M micro-batches: M/(M+K-1).
 inline double pipeline_efficiency(int64_t partitions, int64_t microbatches) {
   detail::check_pipe_shape(partitions, microbatches, "efficiency");
-  return static_cast<double>(microbatches) / static_cast<double>(microbatches + partitions - 1);
+  return static_cast<double>(microbatches) /
+      static_cast<double>(microbatches + partitions - 1);
 }
 
 /// The share of the schedule each stage sits idle: (K-1)/(M+K-1).
@@ -89,24 +93,33 @@ inline double bubble_fraction(int64_t partitions, int64_t microbatches) {
 /// step. Fill-drain puts forward (i, j) at tick i + j, then backward in
 /// reverse, (i, j) at tick (M + K - 1) + (M - 1 - i) + (K - 1 - j); 1F1B
 /// interleaves them. Both: 2·K·M slices over 2·(M + K - 1) ticks.
-inline ScheduleLayout theoretical_schedule(Schedule schedule, int64_t partitions, int64_t microbatches) {
+inline ScheduleLayout theoretical_schedule(
+    Schedule schedule,
+    int64_t partitions,
+    int64_t microbatches) {
   detail::check_pipe_shape(partitions, microbatches, "a schedule");
   ScheduleLayout layout;
-  layout.title = std::string(schedule == Schedule::FillDrain ? "GPipe" : "1F1B") + " schedule, theory (K=" +
-      std::to_string(partitions) + ", M=" + std::to_string(microbatches) + ")";
+  layout.title =
+      std::string(schedule == Schedule::FillDrain ? "GPipe" : "1F1B") +
+      " schedule, theory (K=" + std::to_string(partitions) +
+      ", M=" + std::to_string(microbatches) + ")";
   layout.unit = "tick";
   for (int64_t j = 0; j < partitions; ++j) {
     layout.row_labels.push_back("partition " + std::to_string(j));
   }
   // One tick per lockstep step: the schedule's own validator lays it out.
-  const auto grid = lockstep(schedule_actions(schedule, microbatches, partitions), microbatches, partitions);
+  const auto grid = lockstep(
+      schedule_actions(schedule, microbatches, partitions),
+      microbatches,
+      partitions);
   for (size_t step = 0; step < grid.size(); ++step) {
     for (size_t j = 0; j < grid[step].size(); ++j) {
       if (const auto& action = grid[step][j]) {
         layout.slices.push_back(
             {static_cast<int64_t>(j),
              action->microbatch,
-             action->kind == Action::Kind::Forward ? Phase::Forward : Phase::Backward,
+             action->kind == Action::Kind::Forward ? Phase::Forward
+                                                   : Phase::Backward,
              static_cast<double>(step),
              1.0});
       }
@@ -117,7 +130,9 @@ inline ScheduleLayout theoretical_schedule(Schedule schedule, int64_t partitions
 
 /// The fill-drain schedule of GPipe: forward i on partition j at tick
 /// i + j, backward the same staircase in reverse.
-inline ScheduleLayout theoretical_schedule(int64_t partitions, int64_t microbatches) {
+inline ScheduleLayout theoretical_schedule(
+    int64_t partitions,
+    int64_t microbatches) {
   return theoretical_schedule(Schedule::FillDrain, partitions, microbatches);
 }
 
@@ -154,7 +169,8 @@ inline ScheduleLayout measured_schedule(
   for (int64_t j = 0; j < rows; ++j) {
     const auto& device = device_of_row[static_cast<size_t>(j)];
     layout.row_labels.push_back(
-        "partition " + std::to_string(j) + (device.empty() ? "" : " (" + device + ")"));
+        "partition " + std::to_string(j) +
+        (device.empty() ? "" : " (" + device + ")"));
   }
   return layout;
 }
@@ -269,44 +285,59 @@ inline std::string svg_panel(const ScheduleLayout& layout, double x, double y) {
   auto x_of = [&](double t) { return plot_x + t / span * kPlotWidth; };
 
   svg += "<text x=\"" + svg_number(x + 4) + "\" y=\"" + svg_number(y + 20) +
-      "\" font-size=\"15\" font-weight=\"bold\">" + xml_escape(layout.title) + "</text>\n";
+      "\" font-size=\"15\" font-weight=\"bold\">" + xml_escape(layout.title) +
+      "</text>\n";
   for (size_t row = 0; row < layout.row_labels.size(); ++row) {
     const double row_y = plot_y + static_cast<double>(row) * kRowHeight;
-    svg += "<rect x=\"" + svg_number(plot_x) + "\" y=\"" + svg_number(row_y) + "\" width=\"" +
-        svg_number(kPlotWidth) + "\" height=\"" + svg_number(kRowHeight) + "\" fill=\"" +
+    svg += "<rect x=\"" + svg_number(plot_x) + "\" y=\"" + svg_number(row_y) +
+        "\" width=\"" + svg_number(kPlotWidth) + "\" height=\"" +
+        svg_number(kRowHeight) + "\" fill=\"" +
         (row % 2 ? "#ffffff" : "#f4f4f4") + "\"/>\n";
-    svg += "<text x=\"" + svg_number(plot_x - 6) + "\" y=\"" + svg_number(row_y + kRowHeight / 2 + 4) +
-        "\" font-size=\"12\" text-anchor=\"end\">" + xml_escape(layout.row_labels[row]) + "</text>\n";
+    svg += "<text x=\"" + svg_number(plot_x - 6) + "\" y=\"" +
+        svg_number(row_y + kRowHeight / 2 + 4) +
+        "\" font-size=\"12\" text-anchor=\"end\">" +
+        xml_escape(layout.row_labels[row]) + "</text>\n";
   }
   for (const auto& slice : layout.slices) {
     const double left = x_of(slice.start);
-    const double width = std::max(0.5, x_of(slice.start + slice.duration) - left);
+    const double width =
+        std::max(0.5, x_of(slice.start + slice.duration) - left);
     const double top = plot_y + static_cast<double>(slice.row) * kRowHeight + 2;
-    svg += "<rect x=\"" + svg_number(left) + "\" y=\"" + svg_number(top) + "\" width=\"" +
-        svg_number(width) + "\" height=\"" + svg_number(kRowHeight - 4) + "\" fill=\"" +
-        phase_color(slice.phase) + "\" stroke=\"#ffffff\" stroke-width=\"0.5\"><title>" +
-        xml_escape(slice_name(slice.phase, slice.microbatch) + " on row " + std::to_string(slice.row)) +
+    svg += "<rect x=\"" + svg_number(left) + "\" y=\"" + svg_number(top) +
+        "\" width=\"" + svg_number(width) + "\" height=\"" +
+        svg_number(kRowHeight - 4) + "\" fill=\"" + phase_color(slice.phase) +
+        "\" stroke=\"#ffffff\" stroke-width=\"0.5\"><title>" +
+        xml_escape(
+               slice_name(slice.phase, slice.microbatch) + " on row " +
+               std::to_string(slice.row)) +
         "</title></rect>\n";
     const std::string label = std::to_string(slice.microbatch);
     if (width >= 7.0 * static_cast<double>(label.size()) + 2) {
-      svg += "<text x=\"" + svg_number(left + width / 2) + "\" y=\"" + svg_number(top + kRowHeight / 2 + 2) +
-          "\" font-size=\"10\" fill=\"#ffffff\" text-anchor=\"middle\">" + label + "</text>\n";
+      svg += "<text x=\"" + svg_number(left + width / 2) + "\" y=\"" +
+          svg_number(top + kRowHeight / 2 + 2) +
+          "\" font-size=\"10\" fill=\"#ffffff\" text-anchor=\"middle\">" +
+          label + "</text>\n";
     }
   }
   const double axis_y = plot_y + rows * kRowHeight;
-  svg += "<line x1=\"" + svg_number(plot_x) + "\" y1=\"" + svg_number(axis_y) + "\" x2=\"" +
-      svg_number(plot_x + kPlotWidth) + "\" y2=\"" + svg_number(axis_y) + "\" stroke=\"#333333\"/>\n";
+  svg += "<line x1=\"" + svg_number(plot_x) + "\" y1=\"" + svg_number(axis_y) +
+      "\" x2=\"" + svg_number(plot_x + kPlotWidth) + "\" y2=\"" +
+      svg_number(axis_y) + "\" stroke=\"#333333\"/>\n";
   const double step = axis_step(span);
   for (double t = 0; t <= span * (1 + 1e-9); t += step) {
     char value[32];
     std::snprintf(value, sizeof(value), step < 1 ? "%.2f" : "%.0f", t);
-    svg += "<line x1=\"" + svg_number(x_of(t)) + "\" y1=\"" + svg_number(axis_y) + "\" x2=\"" +
-        svg_number(x_of(t)) + "\" y2=\"" + svg_number(axis_y + 4) + "\" stroke=\"#333333\"/>\n";
-    svg += "<text x=\"" + svg_number(x_of(t)) + "\" y=\"" + svg_number(axis_y + 16) +
+    svg += "<line x1=\"" + svg_number(x_of(t)) + "\" y1=\"" +
+        svg_number(axis_y) + "\" x2=\"" + svg_number(x_of(t)) + "\" y2=\"" +
+        svg_number(axis_y + 4) + "\" stroke=\"#333333\"/>\n";
+    svg += "<text x=\"" + svg_number(x_of(t)) + "\" y=\"" +
+        svg_number(axis_y + 16) +
         "\" font-size=\"10\" text-anchor=\"middle\">" + value + "</text>\n";
   }
-  svg += "<text x=\"" + svg_number(plot_x + kPlotWidth) + "\" y=\"" + svg_number(axis_y + 30) +
-      "\" font-size=\"11\" text-anchor=\"end\">time (" + xml_escape(layout.unit) + ")</text>\n";
+  svg += "<text x=\"" + svg_number(plot_x + kPlotWidth) + "\" y=\"" +
+      svg_number(axis_y + 30) +
+      "\" font-size=\"11\" text-anchor=\"end\">time (" +
+      xml_escape(layout.unit) + ")</text>\n";
   return svg;
 }
 
@@ -314,39 +345,54 @@ inline std::string svg_panel(const ScheduleLayout& layout, double x, double y) {
 
 /// Draws `panels` side by side as one SVG, with a legend of the phases.
 inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
-  TORCH_CHECK(!panels.empty(), "gpipe: render_svg needs at least one layout (panels: 0)");
+  TORCH_CHECK(
+      !panels.empty(),
+      "gpipe: render_svg needs at least one layout (panels: 0)");
   size_t rows = 1;
   for (const auto& panel : panels) {
     rows = std::max(rows, panel.row_labels.size());
   }
   const double panel_width = detail::kLabelWidth + detail::kPlotWidth;
-  const double width = static_cast<double>(panels.size()) * (panel_width + detail::kPanelGap) + 10;
-  const double legend_y = detail::kTitleHeight + static_cast<double>(rows) * detail::kRowHeight +
-      detail::kAxisHeight + 14;
+  const double width =
+      static_cast<double>(panels.size()) * (panel_width + detail::kPanelGap) +
+      10;
+  const double legend_y = detail::kTitleHeight +
+      static_cast<double>(rows) * detail::kRowHeight + detail::kAxisHeight + 14;
   const double height = legend_y + 30;
-  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + detail::svg_number(width) +
-      "\" height=\"" + detail::svg_number(height) + "\" viewBox=\"0 0 " + detail::svg_number(width) + " " +
-      detail::svg_number(height) + "\" font-family=\"Helvetica, Arial, sans-serif\">\n";
+  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" +
+      detail::svg_number(width) + "\" height=\"" + detail::svg_number(height) +
+      "\" viewBox=\"0 0 " + detail::svg_number(width) + " " +
+      detail::svg_number(height) +
+      "\" font-family=\"Helvetica, Arial, sans-serif\">\n";
   svg += "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n";
   for (size_t p = 0; p < panels.size(); ++p) {
-    svg += detail::svg_panel(panels[p], 10 + static_cast<double>(p) * (panel_width + detail::kPanelGap), 4);
+    svg += detail::svg_panel(
+        panels[p],
+        10 + static_cast<double>(p) * (panel_width + detail::kPanelGap),
+        4);
   }
   double legend_x = 10 + detail::kLabelWidth;
-  for (const auto phase : {Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy}) {
-    svg += "<rect x=\"" + detail::svg_number(legend_x) + "\" y=\"" + detail::svg_number(legend_y) +
-        "\" width=\"14\" height=\"14\" fill=\"" + detail::phase_color(phase) + "\"/>\n";
-    svg += "<text x=\"" + detail::svg_number(legend_x + 20) + "\" y=\"" + detail::svg_number(legend_y + 12) +
-        "\" font-size=\"12\">" + to_string(phase) + "</text>\n";
+  for (const auto phase :
+       {Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy}) {
+    svg += "<rect x=\"" + detail::svg_number(legend_x) + "\" y=\"" +
+        detail::svg_number(legend_y) + "\" width=\"14\" height=\"14\" fill=\"" +
+        detail::phase_color(phase) + "\"/>\n";
+    svg += "<text x=\"" + detail::svg_number(legend_x + 20) + "\" y=\"" +
+        detail::svg_number(legend_y + 12) + "\" font-size=\"12\">" +
+        to_string(phase) + "</text>\n";
     legend_x += 110;
   }
-  svg += "<text x=\"" + detail::svg_number(legend_x + 10) + "\" y=\"" + detail::svg_number(legend_y + 12) +
+  svg += "<text x=\"" + detail::svg_number(legend_x + 10) + "\" y=\"" +
+      detail::svg_number(legend_y + 12) +
       "\" font-size=\"12\" fill=\"#555555\">number in a box: micro-batch</text>\n";
   svg += "</svg>\n";
   return svg;
 }
 
 /// Writes `render_svg(panels)` to `path`.
-inline void write_svg(const std::vector<ScheduleLayout>& panels, const std::string& path) {
+inline void write_svg(
+    const std::vector<ScheduleLayout>& panels,
+    const std::string& path) {
   detail::write_text_file(path, render_svg(panels), "SVG");
 }
 
@@ -357,8 +403,8 @@ inline std::string plot_pipeline_schedule(
     int64_t partitions,
     int64_t microbatches,
     const std::string& output_dir) {
-  const std::string path = output_dir + "/pipeline_schedule_K" + std::to_string(partitions) + "_M" +
-      std::to_string(microbatches) + ".svg";
+  const std::string path = output_dir + "/pipeline_schedule_K" +
+      std::to_string(partitions) + "_M" + std::to_string(microbatches) + ".svg";
   write_svg({theoretical_schedule(partitions, microbatches)}, path);
   return path;
 }
@@ -404,7 +450,16 @@ inline double megabytes(int64_t bytes) {
 /// notebook's `summarize_results`). Sizes in MiB.
 inline std::string summarize_results(const std::vector<RunResult>& results) {
   const std::vector<std::string> header = {
-      "mode", "device", "batch", "K", "M", "step ms", "peak MiB", "activ. MiB", "bubble", "measured bubble"};
+      "mode",
+      "device",
+      "batch",
+      "K",
+      "M",
+      "step ms",
+      "peak MiB",
+      "activ. MiB",
+      "bubble",
+      "measured bubble"};
   std::vector<std::vector<std::string>> table = {header};
   for (const auto& r : results) {
     table.push_back(
@@ -431,7 +486,8 @@ inline std::string summarize_results(const std::vector<RunResult>& results) {
       const auto& cell = table[r][c];
       const std::string pad(widths[c] - cell.size(), ' ');
       // Text columns align left, numbers right.
-      text += (c < 2 ? cell + pad : pad + cell) + (c + 1 < table[r].size() ? "  " : "");
+      text += (c < 2 ? cell + pad : pad + cell) +
+          (c + 1 < table[r].size() ? "  " : "");
     }
     text += "\n";
     if (r == 0) {
@@ -450,15 +506,18 @@ inline std::string results_json(const std::vector<RunResult>& results) {
   std::string json = "[";
   for (size_t k = 0; k < results.size(); ++k) {
     const auto& r = results[k];
-    json += std::string(k ? "," : "") + "\n  {\"mode\": " + detail::json_string(r.mode) +
-        ", \"device\": " + detail::json_string(r.device) + ", \"batch\": " + std::to_string(r.batch) +
+    json += std::string(k ? "," : "") +
+        "\n  {\"mode\": " + detail::json_string(r.mode) +
+        ", \"device\": " + detail::json_string(r.device) +
+        ", \"batch\": " + std::to_string(r.batch) +
         ", \"partitions\": " + std::to_string(r.partitions) +
         ", \"microbatches\": " + std::to_string(r.microbatches) +
         ", \"step_ms\": " + detail::json_number(r.step_ms, 4) +
         ", \"peak_bytes\": " + std::to_string(r.peak_bytes) +
         ", \"activation_bytes\": " + std::to_string(r.activation_bytes) +
         ", \"bubble\": " + detail::json_number(r.bubble, 6) +
-        ", \"measured_bubble\": " + detail::json_number(r.measured_bubble, 6) + "}";
+        ", \"measured_bubble\": " + detail::json_number(r.measured_bubble, 6) +
+        "}";
   }
   json += results.empty() ? "]\n" : "\n]\n";
   return json;

@@ -78,7 +78,8 @@ class CountingCpuAllocator final : public c10::Allocator {
     return &CountingCpuAllocator::free_block;
   }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
+  void copy_data(void* dest, const void* src, std::size_t count)
+      const override {
     wrapped_->copy_data(dest, src, count);
   }
 
@@ -112,7 +113,9 @@ class CountingCpuAllocator final : public c10::Allocator {
         // Raw memory from before the counter was installed, freed through
         // `GetCPUAllocator()->raw_deallocate`: its original deleter frees it.
         const auto original = self->wrapped_->raw_deleter();
-        TORCH_INTERNAL_ASSERT(original != nullptr, "gpipe: freeing a CPU block the counter never saw");
+        TORCH_INTERNAL_ASSERT(
+            original != nullptr,
+            "gpipe: freeing a CPU block the counter never saw");
         original(data);
         return;
       }
@@ -187,15 +190,26 @@ inline MemoryStats memory_stats(const torch::Device& device) {
     return detail::cpu_counter().stats();
   }
 #if defined(GPIPE_DEVICE_ALLOCATOR_STATS)
-  const auto stats = detail::device_allocator(device)->getDeviceStats(detail::index_of(device));
-  const auto& bytes = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  const auto stats = detail::device_allocator(device)->getDeviceStats(
+      detail::index_of(device));
+  const auto& bytes = stats.allocated_bytes[static_cast<size_t>(
+      c10::CachingAllocator::StatType::AGGREGATE)];
   return {bytes.current, bytes.peak};
 #elif defined(GPIPE_CUDA_ALLOCATOR_STATS)
-  TORCH_CHECK(device.is_cuda(), "gpipe: memory statistics need a CPU or CUDA device (device: ", device, ")");
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(detail::index_of(device));
+  TORCH_CHECK(
+      device.is_cuda(),
+      "gpipe: memory statistics need a CPU or CUDA device (device: ",
+      device,
+      ")");
+  const auto stats =
+      c10::cuda::CUDACachingAllocator::getDeviceStats(detail::index_of(device));
   return {stats.allocated_bytes[0].current, stats.allocated_bytes[0].peak};
 #else
-  TORCH_CHECK(false, "gpipe: this LibTorch has no device memory statistics (device: ", device, ")");
+  TORCH_CHECK(
+      false,
+      "gpipe: this LibTorch has no device memory statistics (device: ",
+      device,
+      ")");
 #endif
 }
 
@@ -208,10 +222,18 @@ inline void reset_peak_memory(const torch::Device& device) {
 #if defined(GPIPE_DEVICE_ALLOCATOR_STATS)
   detail::device_allocator(device)->resetPeakStats(detail::index_of(device));
 #elif defined(GPIPE_CUDA_ALLOCATOR_STATS)
-  TORCH_CHECK(device.is_cuda(), "gpipe: memory statistics need a CPU or CUDA device (device: ", device, ")");
+  TORCH_CHECK(
+      device.is_cuda(),
+      "gpipe: memory statistics need a CPU or CUDA device (device: ",
+      device,
+      ")");
   c10::cuda::CUDACachingAllocator::resetPeakStats(detail::index_of(device));
 #else
-  TORCH_CHECK(false, "gpipe: this LibTorch has no device memory statistics (device: ", device, ")");
+  TORCH_CHECK(
+      false,
+      "gpipe: this LibTorch has no device memory statistics (device: ",
+      device,
+      ")");
 #endif
 }
 
@@ -220,11 +242,15 @@ inline void reset_peak_memory(const torch::Device& device) {
 ///
 ///   gpipe::MemoryMeter meter({torch::kCPU});
 ///   train_step();
-///   auto activations = meter.peak_bytes(torch::kCPU) - meter.start_bytes(torch::kCPU);
+///   auto activations = meter.peak_bytes(torch::kCPU) -
+///   meter.start_bytes(torch::kCPU);
 class MemoryMeter {
  public:
-  explicit MemoryMeter(std::vector<torch::Device> devices) : devices_(std::move(devices)) {
-    TORCH_CHECK(!devices_.empty(), "gpipe: MemoryMeter needs at least one device (devices: 0)");
+  explicit MemoryMeter(std::vector<torch::Device> devices)
+      : devices_(std::move(devices)) {
+    TORCH_CHECK(
+        !devices_.empty(),
+        "gpipe: MemoryMeter needs at least one device (devices: 0)");
     reset();
   }
 
@@ -260,7 +286,11 @@ class MemoryMeter {
  private:
   size_t slot(const torch::Device& device) const {
     const auto found = std::find(devices_.begin(), devices_.end(), device);
-    TORCH_CHECK(found != devices_.end(), "gpipe: the meter does not measure this device (device: ", device, ")");
+    TORCH_CHECK(
+        found != devices_.end(),
+        "gpipe: the meter does not measure this device (device: ",
+        device,
+        ")");
     return static_cast<size_t>(found - devices_.begin());
   }
 

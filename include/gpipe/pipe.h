@@ -41,12 +41,18 @@ class GPipeImpl : public torch::nn::Module {
       "gpipe: GPipe wraps a torch::nn::Sequential");
 
  public:
-  GPipeImpl(const SequentialT& sequential, GPipeOptions options_) : options(std::move(options_)) {
-    TORCH_CHECK(!sequential.is_empty(), "gpipe: GPipe needs a Sequential, got an empty holder");
+  GPipeImpl(const SequentialT& sequential, GPipeOptions options_)
+      : options(std::move(options_)) {
+    TORCH_CHECK(
+        !sequential.is_empty(),
+        "gpipe: GPipe needs a Sequential, got an empty holder");
     detail::check_microbatches(options.microbatches());
     options.balance(detail::resolve_balance(
-        static_cast<int64_t>(sequential->size()), options.partitions(), options.balance()));
-    options.devices(detail::resolve_devices(options.partitions(), options.devices()));
+        static_cast<int64_t>(sequential->size()),
+        options.partitions(),
+        options.balance()));
+    options.devices(
+        detail::resolve_devices(options.partitions(), options.devices()));
     partitions_ = detail::split_sequential(sequential, options.balance());
     auto registered = torch::nn::ModuleList();
     for (const auto& partition : partitions_) {
@@ -71,11 +77,14 @@ class GPipeImpl : public torch::nn::Module {
     const detail::CallerContext caller = capture_caller_context();
     for (const auto& tick : clock_cycles(m, n)) {
       std::vector<WorkItem> items;
+      items.reserve(tick.size());
       for (const auto& [i, j] : tick) {
-        items.push_back({j, [&, i = i, j = j] {
-                           auto& activation = activations[static_cast<size_t>(i)];
-                           activation = run_cell(i, j, m, receive(activation, i, j), parameters, needs_graph);
-                         }});
+        items.push_back(
+            {j, [&, i = i, j = j] {
+               auto& activation = activations[static_cast<size_t>(i)];
+               activation = run_cell(
+                   i, j, m, receive(activation, i, j), parameters, needs_graph);
+             }});
       }
       run_round(items, caller);
     }
@@ -83,7 +92,8 @@ class GPipeImpl : public torch::nn::Module {
   }
 
   /// A loss for `step`: (output of a micro-batch, its target) -> scalar.
-  using LossFunction = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+  using LossFunction =
+      std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
 
   /// Forward and backward of the whole batch on `options.schedule()`:
   /// `loss_fn` is applied to each micro-batch's output and target (split
@@ -91,8 +101,13 @@ class GPipeImpl : public torch::nn::Module {
   /// losses are combined by `options.loss_reduction()`, and gradients
   /// accumulate into `.grad` exactly as `loss_fn(seq(input), target)
   /// .backward()` would. Returns that loss, detached, on the last device.
-  torch::Tensor step(const torch::Tensor& input, const torch::Tensor& target, const LossFunction& loss_fn) {
-    TORCH_CHECK(static_cast<bool>(loss_fn), "gpipe: step needs a loss function, got an empty one");
+  torch::Tensor step(
+      const torch::Tensor& input,
+      const torch::Tensor& target,
+      const LossFunction& loss_fn) {
+    TORCH_CHECK(
+        static_cast<bool>(loss_fn),
+        "gpipe: step needs a loss function, got an empty one");
     TORCH_CHECK(
         torch::GradMode::is_enabled(),
         "gpipe: step runs backward and cannot run with grad mode disabled (use forward under NoGradGuard)");
@@ -110,12 +125,14 @@ class GPipeImpl : public torch::nn::Module {
     auto targets = torch::tensor_split(target, m, /*dim=*/0);
     const auto parameters = trainable_parameters();
     const bool needs_graph = input.requires_grad() || any_nonempty(parameters);
-    const auto grid = lockstep(schedule_actions(options.schedule(), m, n), m, n);
+    const auto grid =
+        lockstep(schedule_actions(options.schedule(), m, n), m, n);
 
     // Per cell (i, j): its input leaf and its output (with the cell's graph);
     // released by the cell's backward, so 1F1B keeps few alive.
     std::vector<std::vector<torch::Tensor>> leaves(
-        static_cast<size_t>(m), std::vector<torch::Tensor>(static_cast<size_t>(n)));
+        static_cast<size_t>(m),
+        std::vector<torch::Tensor>(static_cast<size_t>(n)));
     auto outputs = leaves;
     std::vector<torch::Tensor> losses(static_cast<size_t>(m));
     std::vector<torch::Tensor> loss_values(static_cast<size_t>(m));
@@ -130,7 +147,9 @@ class GPipeImpl : public torch::nn::Module {
       } else {
         // A fresh leaf per cell: each cell's graph is backwarded on its own.
         const auto& previous = outputs[ii][jj - 1];
-        x = receive(previous.detach(), i, j).detach().requires_grad_(previous.requires_grad());
+        x = receive(previous.detach(), i, j)
+                .detach()
+                .requires_grad_(previous.requires_grad());
         leaves[ii][jj] = x;
       }
       outputs[ii][jj] = run_cell(i, j, m, x, parameters, needs_graph);
@@ -205,7 +224,8 @@ class GPipeImpl : public torch::nn::Module {
     return total;
   }
 
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override {
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false)
+      override {
     set_single_device(device);
     torch::nn::Module::to(device, dtype, non_blocking);
   }
@@ -274,13 +294,16 @@ class GPipeImpl : public torch::nn::Module {
     for (size_t j = 0; j < partitions_.size(); ++j) {
       const auto& device = options.devices()[j];
       partitions_[j]->to(device, non_blocking);
-      const bool own_lane = device.is_cpu() && options.concurrent_cpu_partitions();
-      const auto found = std::find(lane_devices_.begin(), lane_devices_.end(), device);
+      const bool own_lane =
+          device.is_cpu() && options.concurrent_cpu_partitions();
+      const auto found =
+          std::find(lane_devices_.begin(), lane_devices_.end(), device);
       if (own_lane || found == lane_devices_.end()) {
         lane_of_partition_.push_back(lane_devices_.size());
         lane_devices_.push_back(device);
       } else {
-        lane_of_partition_.push_back(static_cast<size_t>(found - lane_devices_.begin()));
+        lane_of_partition_.push_back(
+            static_cast<size_t>(found - lane_devices_.begin()));
       }
     }
     workers_.clear();
@@ -307,8 +330,11 @@ class GPipeImpl : public torch::nn::Module {
     return parameters;
   }
 
-  static bool any_nonempty(const std::vector<std::vector<torch::Tensor>>& lists) {
-    return std::any_of(lists.begin(), lists.end(), [](const auto& list) { return !list.empty(); });
+  static bool any_nonempty(
+      const std::vector<std::vector<torch::Tensor>>& lists) {
+    return std::any_of(lists.begin(), lists.end(), [](const auto& list) {
+      return !list.empty();
+    });
   }
 
   /// `x` moved to partition j's device for micro-batch i (a recorded copy
@@ -319,7 +345,8 @@ class GPipeImpl : public torch::nn::Module {
       return x;
     }
     return detail::with_cell_context({i, j}, "copy", [&] {
-      detail::TimelineScope recording(timeline_.get(), j, i, Phase::Copy, device);
+      detail::TimelineScope recording(
+          timeline_.get(), j, i, Phase::Copy, device);
       return transport_.send(x, device);
     });
   }
@@ -345,24 +372,30 @@ class GPipeImpl : public torch::nn::Module {
       const std::vector<std::vector<torch::Tensor>>& parameters,
       bool needs_graph) {
     const auto& device = options.devices()[static_cast<size_t>(j)];
-    auto partition = partitions_[static_cast<size_t>(j)]; // forward() is non-const
+    auto partition =
+        partitions_[static_cast<size_t>(j)]; // forward() is non-const
     const auto& params = parameters[static_cast<size_t>(j)];
     const detail::CellIndex cell{i, j};
     if (!needs_graph || (!x.requires_grad() && params.empty())) {
-      detail::TimelineScope recording(timeline_.get(), j, i, Phase::Forward, device);
-      return detail::with_cell_context(cell, "forward", [&] { return partition->forward(x); });
+      detail::TimelineScope recording(
+          timeline_.get(), j, i, Phase::Forward, device);
+      return detail::with_cell_context(
+          cell, "forward", [&] { return partition->forward(x); });
     }
-    auto state = c10::make_intrusive<detail::StageState>(partition, cell, device, checkpointed(i, m), timeline_);
+    auto state = c10::make_intrusive<detail::StageState>(
+        partition, cell, device, checkpointed(i, m), timeline_);
     state->parameters = params;
-    return detail::with_cell_context(
-        cell, "forward", [&] { return detail::StageFunction::apply(state, x, at::TensorList(params))[0]; });
+    return detail::with_cell_context(cell, "forward", [&] {
+      return detail::StageFunction::apply(state, x, at::TensorList(params))[0];
+    });
   }
 
   detail::CallerContext capture_caller_context() const {
     detail::CallerContext caller{at::ThreadLocalState(), {}};
     std::vector<torch::Device> seen;
     for (const auto& device : lane_devices_) {
-      if (device.is_cuda() && std::find(seen.begin(), seen.end(), device) == seen.end()) {
+      if (device.is_cuda() &&
+          std::find(seen.begin(), seen.end(), device) == seen.end()) {
         seen.push_back(device);
         caller.current_streams.push_back(
             c10::impl::VirtualGuardImpl(device.type()).getStream(device));
@@ -381,18 +414,22 @@ class GPipeImpl : public torch::nn::Module {
   /// items of each lane in order, the lanes at once; lane 0 (or a lone lane)
   /// on the caller's thread. Waits for every lane, then rethrows the first
   /// failure, so a failed round never leaves work running.
-  void run_round(const std::vector<WorkItem>& items, const detail::CallerContext& caller) {
+  void run_round(
+      const std::vector<WorkItem>& items,
+      const detail::CallerContext& caller) {
     std::vector<size_t> lanes;
     std::vector<std::vector<const WorkItem*>> items_of_lane;
     for (const auto& item : items) {
-      const size_t lane = lane_of_partition_[static_cast<size_t>(item.partition)];
+      const size_t lane =
+          lane_of_partition_[static_cast<size_t>(item.partition)];
       auto found = std::find(lanes.begin(), lanes.end(), lane);
       if (found == lanes.end()) {
         lanes.push_back(lane);
         items_of_lane.emplace_back();
         found = lanes.end() - 1;
       }
-      items_of_lane[static_cast<size_t>(found - lanes.begin())].push_back(&item);
+      items_of_lane[static_cast<size_t>(found - lanes.begin())].push_back(
+          &item);
     }
     std::vector<detail::DeviceTask> tasks;
     for (size_t t = 0; t < lanes.size(); ++t) {
@@ -404,11 +441,12 @@ class GPipeImpl : public torch::nn::Module {
         }
         worker = workers_[lane].get();
       }
-      tasks.push_back(detail::DeviceTask{worker, lane_devices_[lane], [mine = items_of_lane[t]] {
-                                           for (const WorkItem* item : mine) {
-                                             item->run();
-                                           }
-                                         }});
+      tasks.push_back(detail::DeviceTask{
+          worker, lane_devices_[lane], [mine = items_of_lane[t]] {
+            for (const WorkItem* item : mine) {
+              item->run();
+            }
+          }});
     }
     detail::run_on_workers(tasks, caller);
   }
@@ -416,7 +454,8 @@ class GPipeImpl : public torch::nn::Module {
   std::vector<torch::nn::Sequential> partitions_;
   std::vector<size_t> lane_of_partition_;
   std::vector<torch::Device> lane_devices_;
-  std::vector<std::unique_ptr<detail::Worker>> workers_; // per lane, made on first use
+  std::vector<std::unique_ptr<detail::Worker>>
+      workers_; // per lane, made on first use
   detail::LocalTransport transport_;
   std::shared_ptr<Timeline> timeline_;
 };

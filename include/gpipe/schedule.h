@@ -103,7 +103,8 @@ struct Action {
 
 /// "F3" or "B3".
 inline std::string to_string(const Action& action) {
-  return (action.kind == Action::Kind::Forward ? "F" : "B") + std::to_string(action.microbatch);
+  return (action.kind == Action::Kind::Forward ? "F" : "B") +
+      std::to_string(action.microbatch);
 }
 
 inline std::ostream& operator<<(std::ostream& os, const Action& action) {
@@ -117,7 +118,10 @@ using PartitionActions = std::vector<std::vector<Action>>;
 using ScheduleGrid = std::vector<std::vector<std::optional<Action>>>;
 
 /// The actions of `schedule` for m micro-batches on n partitions.
-inline PartitionActions schedule_actions(Schedule schedule, int64_t m, int64_t n) {
+inline PartitionActions schedule_actions(
+    Schedule schedule,
+    int64_t m,
+    int64_t n) {
   TORCH_CHECK(
       m >= 1 && n >= 1,
       "gpipe: a schedule needs at least one micro-batch and one partition (m: ",
@@ -166,7 +170,8 @@ inline std::string format_grid(const ScheduleGrid& grid, int64_t n) {
     out << (s < 10 ? "   " : s < 100 ? "  " : " ") << s;
     for (const auto& cell : grid[s]) {
       const std::string text = cell ? to_string(*cell) : ".";
-      out << "  " << text << std::string(text.size() < 4 ? 4 - text.size() : 0, ' ');
+      out << "  " << text
+          << std::string(text.size() < 4 ? 4 - text.size() : 0, ' ');
     }
     out << "\n";
   }
@@ -175,8 +180,12 @@ inline std::string format_grid(const ScheduleGrid& grid, int64_t n) {
 
 namespace detail {
 
-[[noreturn]] inline void reject_schedule(const std::string& fault, const ScheduleGrid& grid, int64_t n) {
-  C10_THROW_ERROR(Error, "gpipe: invalid schedule: " + fault + "\n" + format_grid(grid, n));
+[[noreturn]] inline void reject_schedule(
+    const std::string& fault,
+    const ScheduleGrid& grid,
+    int64_t n) {
+  C10_THROW_ERROR(
+      Error, "gpipe: invalid schedule: " + fault + "\n" + format_grid(grid, n));
 }
 
 } // namespace detail
@@ -189,19 +198,30 @@ namespace detail {
 /// when the actions are not a valid schedule: a partition count other than n,
 /// a micro-batch out of range, an action missing or repeated, a backward
 /// before its forward, or an order that can never finish (deadlock).
-inline ScheduleGrid lockstep(const PartitionActions& actions, int64_t m, int64_t n) {
+inline ScheduleGrid lockstep(
+    const PartitionActions& actions,
+    int64_t m,
+    int64_t n) {
   ScheduleGrid grid;
   if (static_cast<int64_t>(actions.size()) != n) {
     detail::reject_schedule(
-        "actions for " + std::to_string(actions.size()) + " partitions, expected " + std::to_string(n), grid, n);
+        "actions for " + std::to_string(actions.size()) +
+            " partitions, expected " + std::to_string(n),
+        grid,
+        n);
   }
   for (int64_t j = 0; j < n; ++j) {
     std::vector<int> forwards(static_cast<size_t>(m), 0);
     std::vector<int> backwards(static_cast<size_t>(m), 0);
     for (const auto& action : actions[static_cast<size_t>(j)]) {
-      const std::string where = "partition " + std::to_string(j) + ": " + to_string(action);
+      const std::string where =
+          "partition " + std::to_string(j) + ": " + to_string(action);
       if (action.microbatch < 0 || action.microbatch >= m) {
-        detail::reject_schedule(where + " is out of range (micro-batches: " + std::to_string(m) + ")", grid, n);
+        detail::reject_schedule(
+            where + " is out of range (micro-batches: " + std::to_string(m) +
+                ")",
+            grid,
+            n);
       }
       const auto i = static_cast<size_t>(action.microbatch);
       if (action.kind == Action::Kind::Forward) {
@@ -218,24 +238,32 @@ inline ScheduleGrid lockstep(const PartitionActions& actions, int64_t m, int64_t
       }
     }
     for (int64_t i = 0; i < m; ++i) {
-      if (forwards[static_cast<size_t>(i)] == 0 || backwards[static_cast<size_t>(i)] == 0) {
+      if (forwards[static_cast<size_t>(i)] == 0 ||
+          backwards[static_cast<size_t>(i)] == 0) {
         detail::reject_schedule(
             "partition " + std::to_string(j) + ": " +
-                to_string(forwards[static_cast<size_t>(i)] == 0 ? Action::forward(i) : Action::backward(i)) +
+                to_string(
+                    forwards[static_cast<size_t>(i)] == 0
+                        ? Action::forward(i)
+                        : Action::backward(i)) +
                 " is missing",
-            grid, n);
+            grid,
+            n);
       }
     }
   }
   // done_at[kind][j][i]: the step at which partition j did that action.
   constexpr int64_t kNotYet = -1;
   std::vector<std::vector<int64_t>> forward_at(
-      static_cast<size_t>(n), std::vector<int64_t>(static_cast<size_t>(m), kNotYet));
+      static_cast<size_t>(n),
+      std::vector<int64_t>(static_cast<size_t>(m), kNotYet));
   auto backward_at = forward_at;
   std::vector<size_t> next(static_cast<size_t>(n), 0);
   size_t remaining = static_cast<size_t>(2 * m * n);
   for (int64_t s = 0; remaining > 0; ++s) {
-    auto done_before = [&](const std::vector<std::vector<int64_t>>& at, int64_t j, int64_t i) {
+    auto done_before = [&](const std::vector<std::vector<int64_t>>& at,
+                           int64_t j,
+                           int64_t i) {
       const int64_t when = at[static_cast<size_t>(j)][static_cast<size_t>(i)];
       return when != kNotYet && when < s;
     };
@@ -249,24 +277,34 @@ inline ScheduleGrid lockstep(const PartitionActions& actions, int64_t m, int64_t
       const int64_t i = action.microbatch;
       const bool ready = action.kind == Action::Kind::Forward
           ? (j == 0 || done_before(forward_at, j - 1, i))
-          : (done_before(forward_at, j, i) && (j == n - 1 || done_before(backward_at, j + 1, i)));
+          : (done_before(forward_at, j, i) &&
+             (j == n - 1 || done_before(backward_at, j + 1, i)));
       if (ready) {
         row[static_cast<size_t>(j)] = action;
-        (action.kind == Action::Kind::Forward ? forward_at : backward_at)[static_cast<size_t>(j)]
-                                                                         [static_cast<size_t>(i)] = s;
+        (action.kind == Action::Kind::Forward
+             ? forward_at
+             : backward_at)[static_cast<size_t>(j)][static_cast<size_t>(i)] = s;
         ++next[static_cast<size_t>(j)];
         --remaining;
       }
     }
-    if (std::none_of(row.begin(), row.end(), [](const auto& cell) { return cell.has_value(); })) {
+    if (std::none_of(row.begin(), row.end(), [](const auto& cell) {
+          return cell.has_value();
+        })) {
       std::string waiting;
       for (int64_t j = 0; j < n; ++j) {
-        if (next[static_cast<size_t>(j)] < actions[static_cast<size_t>(j)].size()) {
-          waiting += (waiting.empty() ? "" : ", ") + std::string("p") + std::to_string(j) + " waits at " +
-              to_string(actions[static_cast<size_t>(j)][next[static_cast<size_t>(j)]]);
+        if (next[static_cast<size_t>(j)] <
+            actions[static_cast<size_t>(j)].size()) {
+          waiting += (waiting.empty() ? "" : ", ") + std::string("p") +
+              std::to_string(j) + " waits at " +
+              to_string(actions[static_cast<size_t>(j)]
+                               [next[static_cast<size_t>(j)]]);
         }
       }
-      detail::reject_schedule("deadlock at step " + std::to_string(s) + " (" + waiting + ")", grid, n);
+      detail::reject_schedule(
+          "deadlock at step " + std::to_string(s) + " (" + waiting + ")",
+          grid,
+          n);
     }
     grid.push_back(std::move(row));
   }

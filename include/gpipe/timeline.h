@@ -59,7 +59,11 @@ class Timeline {
   Timeline() : origin_(Clock::now()) {}
 
   /// Starts a slice and returns its token for `end`.
-  size_t begin(int64_t partition, int64_t microbatch, Phase phase, const torch::Device& device) {
+  size_t begin(
+      int64_t partition,
+      int64_t microbatch,
+      Phase phase,
+      const torch::Device& device) {
     Pending pending;
     pending.event.partition = partition;
     pending.event.microbatch = microbatch;
@@ -102,15 +106,18 @@ class Timeline {
     events.reserve(pending_.size());
     for (auto& pending : pending_) {
       if (pending.start) {
-        pending.event.start_us = device_time_us(pending.event.device, *pending.start);
-        pending.event.end_us =
-            pending.stop ? device_time_us(pending.event.device, *pending.stop) : pending.event.start_us;
+        pending.event.start_us =
+            device_time_us(pending.event.device, *pending.start);
+        pending.event.end_us = pending.stop
+            ? device_time_us(pending.event.device, *pending.stop)
+            : pending.event.start_us;
       }
       events.push_back(pending.event);
     }
-    std::stable_sort(events.begin(), events.end(), [](const auto& a, const auto& b) {
-      return a.start_us < b.start_us;
-    });
+    std::stable_sort(
+        events.begin(), events.end(), [](const auto& a, const auto& b) {
+          return a.start_us < b.start_us;
+        });
     return events;
   }
 
@@ -148,24 +155,28 @@ class Timeline {
   }
 
   double now_us() const {
-    return std::chrono::duration<double, std::micro>(Clock::now() - origin_).count();
+    return std::chrono::duration<double, std::micro>(Clock::now() - origin_)
+        .count();
   }
 
-  std::unique_ptr<c10::Event> record_on_current_stream(const torch::Device& device) {
+  std::unique_ptr<c10::Event> record_on_current_stream(
+      const torch::Device& device) {
     c10::impl::VirtualGuardImpl impl(device.type());
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (find_anchor(device) == nullptr) {
         Anchor anchor;
         anchor.device = device;
-        anchor.event = std::make_unique<c10::Event>(device.type(), c10::EventFlag::BACKEND_DEFAULT);
+        anchor.event = std::make_unique<c10::Event>(
+            device.type(), c10::EventFlag::BACKEND_DEFAULT);
         anchor.event->record(impl.getStream(device));
         anchor.event->synchronize();
         anchor.host_us = now_us();
         anchors_.push_back(std::move(anchor));
       }
     }
-    auto event = std::make_unique<c10::Event>(device.type(), c10::EventFlag::BACKEND_DEFAULT);
+    auto event = std::make_unique<c10::Event>(
+        device.type(), c10::EventFlag::BACKEND_DEFAULT);
     event->record(impl.getStream(device));
     return event;
   }
@@ -204,7 +215,8 @@ class TimelineScope {
     }
   }
   TimelineScope(TimelineScope&& other) noexcept
-      : timeline_(std::exchange(other.timeline_, nullptr)), token_(other.token_) {}
+      : timeline_(std::exchange(other.timeline_, nullptr)),
+        token_(other.token_) {}
   TimelineScope(const TimelineScope&) = delete;
   TimelineScope& operator=(const TimelineScope&) = delete;
   TimelineScope& operator=(TimelineScope&&) = delete;

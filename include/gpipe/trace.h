@@ -61,7 +61,8 @@ inline std::string json_string(const std::string& text) {
       default:
         if (static_cast<unsigned char>(c) < 0x20) {
           char escaped[8];
-          std::snprintf(escaped, sizeof(escaped), "\\u%04x", static_cast<unsigned>(c));
+          std::snprintf(
+              escaped, sizeof(escaped), "\\u%04x", static_cast<unsigned>(c));
           out += escaped;
         } else {
           out.push_back(c);
@@ -82,7 +83,8 @@ inline std::string json_number(double value, int precision = 6) {
   stream.precision(precision);
   stream << std::fixed << value;
   std::string text = stream.str();
-  // Trim trailing zeros of the fraction ("12.500000" -> "12.5", "3.000" -> "3").
+  // Trim trailing zeros of the fraction ("12.500000" -> "12.5", "3.000" ->
+  // "3").
   if (text.find('.') != std::string::npos) {
     while (!text.empty() && text.back() == '0') {
       text.pop_back();
@@ -98,27 +100,47 @@ inline std::string json_number(double value, int precision = 6) {
 }
 
 /// Writes `text` to `path`; `what` names the file in errors ("trace").
-inline void write_text_file(const std::string& path, const std::string& text, const char* what) {
+inline void write_text_file(
+    const std::string& path,
+    const std::string& text,
+    const char* what) {
   std::ofstream file(path, std::ios::binary);
-  TORCH_CHECK(file.good(), "gpipe: cannot open the ", what, " file for writing (path: ", path, ")");
+  TORCH_CHECK(
+      file.good(),
+      "gpipe: cannot open the ",
+      what,
+      " file for writing (path: ",
+      path,
+      ")");
   file << text;
-  TORCH_CHECK(file.good(), "gpipe: cannot write the ", what, " file (path: ", path, ")");
+  TORCH_CHECK(
+      file.good(),
+      "gpipe: cannot write the ",
+      what,
+      " file (path: ",
+      path,
+      ")");
 }
 
 /// Devices in a fixed order (CPU first, then by type and index): pid k + 1.
-inline std::vector<torch::Device> devices_of(const std::vector<TimelineEvent>& events) {
+inline std::vector<torch::Device> devices_of(
+    const std::vector<TimelineEvent>& events) {
   std::vector<torch::Device> devices;
   for (const auto& event : events) {
-    if (std::find(devices.begin(), devices.end(), event.device) == devices.end()) {
+    if (std::find(devices.begin(), devices.end(), event.device) ==
+        devices.end()) {
       devices.push_back(event.device);
     }
   }
-  std::sort(devices.begin(), devices.end(), [](const torch::Device& a, const torch::Device& b) {
-    if (a.type() != b.type()) {
-      return static_cast<int>(a.type()) < static_cast<int>(b.type());
-    }
-    return a.index() < b.index();
-  });
+  std::sort(
+      devices.begin(),
+      devices.end(),
+      [](const torch::Device& a, const torch::Device& b) {
+        if (a.type() != b.type()) {
+          return static_cast<int>(a.type()) < static_cast<int>(b.type());
+        }
+        return a.index() < b.index();
+      });
   return devices;
 }
 
@@ -146,7 +168,10 @@ inline std::string slice_name(Phase phase, int64_t microbatch) {
 inline std::string chrome_trace_json(const std::vector<TimelineEvent>& events) {
   const auto devices = detail::devices_of(events);
   auto pid_of = [&](const torch::Device& device) {
-    return static_cast<int64_t>(std::find(devices.begin(), devices.end(), device) - devices.begin()) + 1;
+    return static_cast<int64_t>(
+               std::find(devices.begin(), devices.end(), device) -
+               devices.begin()) +
+        1;
   };
 
   std::string json = "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
@@ -161,7 +186,8 @@ inline std::string chrome_trace_json(const std::vector<TimelineEvent>& events) {
     const auto pid = std::to_string(d + 1);
     append(
         "{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":" + pid +
-        ",\"tid\":0,\"args\":{\"name\":" + detail::json_string(devices[d].str()) + "}}");
+        ",\"tid\":0,\"args\":{\"name\":" +
+        detail::json_string(devices[d].str()) + "}}");
     append(
         "{\"ph\":\"M\",\"name\":\"process_sort_index\",\"pid\":" + pid +
         ",\"tid\":0,\"args\":{\"sort_index\":" + pid + "}}");
@@ -169,7 +195,8 @@ inline std::string chrome_trace_json(const std::vector<TimelineEvent>& events) {
   // One thread name per (device, partition) that appears.
   std::vector<std::pair<int64_t, int64_t>> threads;
   for (const auto& event : events) {
-    const std::pair<int64_t, int64_t> thread{pid_of(event.device), event.partition};
+    const std::pair<int64_t, int64_t> thread{
+        pid_of(event.device), event.partition};
     if (std::find(threads.begin(), threads.end(), thread) == threads.end()) {
       threads.push_back(thread);
     }
@@ -179,17 +206,19 @@ inline std::string chrome_trace_json(const std::vector<TimelineEvent>& events) {
     const auto pid = std::to_string(thread.first);
     const auto tid = std::to_string(thread.second);
     append(
-        "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":" + pid + ",\"tid\":" + tid +
-        ",\"args\":{\"name\":" + detail::json_string("partition " + tid) + "}}");
+        "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":" + pid + ",\"tid\":" +
+        tid + ",\"args\":{\"name\":" + detail::json_string("partition " + tid) +
+        "}}");
     append(
-        "{\"ph\":\"M\",\"name\":\"thread_sort_index\",\"pid\":" + pid + ",\"tid\":" + tid +
-        ",\"args\":{\"sort_index\":" + tid + "}}");
+        "{\"ph\":\"M\",\"name\":\"thread_sort_index\",\"pid\":" + pid +
+        ",\"tid\":" + tid + ",\"args\":{\"sort_index\":" + tid + "}}");
   }
 
   for (const auto& event : events) {
     const double duration = std::max(0.0, event.end_us - event.start_us);
     append(
-        "{\"ph\":\"X\",\"name\":" + detail::json_string(slice_name(event.phase, event.microbatch)) +
+        "{\"ph\":\"X\",\"name\":" +
+        detail::json_string(slice_name(event.phase, event.microbatch)) +
         ",\"cat\":" + detail::json_string(to_string(event.phase)) +
         ",\"pid\":" + std::to_string(pid_of(event.device)) +
         ",\"tid\":" + std::to_string(event.partition) +
@@ -205,7 +234,9 @@ inline std::string chrome_trace_json(const std::vector<TimelineEvent>& events) {
 }
 
 /// Writes `chrome_trace_json(events)` to `path`.
-inline void write_chrome_trace(const std::vector<TimelineEvent>& events, const std::string& path) {
+inline void write_chrome_trace(
+    const std::vector<TimelineEvent>& events,
+    const std::string& path) {
   detail::write_text_file(path, chrome_trace_json(events), "trace");
 }
 

@@ -13,8 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 /// Checks that `input` has a non-empty batch dimension.
 inline void check_batch(const torch::Tensor& input, const char* what) {
@@ -48,10 +47,13 @@ inline void check_microbatches(int64_t microbatches) {
 }
 
 /// min(microbatches, batch) pieces along dim 0, sizes differing by at most one.
-inline std::vector<torch::Tensor> scatter(const torch::Tensor& input, int64_t microbatches) {
+inline std::vector<torch::Tensor> scatter(
+    const torch::Tensor& input,
+    int64_t microbatches) {
   check_microbatches(microbatches);
   check_batch(input, "input");
-  return torch::tensor_split(input, std::min(microbatches, input.size(0)), /*dim=*/0);
+  return torch::tensor_split(
+      input, std::min(microbatches, input.size(0)), /*dim=*/0);
 }
 
 /// The micro-batch outputs concatenated in order (no copy for one).
@@ -59,5 +61,4 @@ inline torch::Tensor gather(const std::vector<torch::Tensor>& outputs) {
   return outputs.size() == 1 ? outputs.front() : torch::cat(outputs, /*dim=*/0);
 }
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail

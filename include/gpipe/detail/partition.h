@@ -15,8 +15,7 @@
 #include <string>
 #include <vector>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 /// Layers per partition: `balance` checked against the Sequential, or an even
 /// split by count (the first `layers % partitions` partitions get one more).
@@ -25,7 +24,10 @@ inline std::vector<int64_t> resolve_balance(
     int64_t partitions,
     const std::vector<int64_t>& balance) {
   TORCH_CHECK(
-      layers >= 1, "gpipe: cannot pipeline an empty Sequential (layers: ", layers, ")");
+      layers >= 1,
+      "gpipe: cannot pipeline an empty Sequential (layers: ",
+      layers,
+      ")");
   TORCH_CHECK(
       partitions >= 1,
       "gpipe: partitions must be at least 1 (partitions: ",
@@ -39,7 +41,8 @@ inline std::vector<int64_t> resolve_balance(
       layers,
       ")");
   if (balance.empty()) {
-    std::vector<int64_t> even(static_cast<size_t>(partitions), layers / partitions);
+    std::vector<int64_t> even(
+        static_cast<size_t>(partitions), layers / partitions);
     for (int64_t j = 0; j < layers % partitions; ++j) {
       ++even[static_cast<size_t>(j)];
     }
@@ -61,7 +64,8 @@ inline std::vector<int64_t> resolve_balance(
         balance[j],
         ")");
   }
-  const int64_t sum = std::accumulate(balance.begin(), balance.end(), int64_t{0});
+  const int64_t sum =
+      std::accumulate(balance.begin(), balance.end(), int64_t{0});
   TORCH_CHECK(
       sum == layers,
       "gpipe: balance does not sum to the number of layers (sum of balance: ",
@@ -123,13 +127,15 @@ inline std::vector<torch::Device> resolve_devices(
   const auto count = static_cast<int64_t>(torch::cuda::device_count());
   for (int64_t j = 0; j < partitions; ++j) {
     resolved.push_back(
-        count > 0 ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(j % count))
+        count > 0 ? torch::Device(
+                        torch::kCUDA, static_cast<c10::DeviceIndex>(j % count))
                   : torch::Device(torch::kCPU));
   }
   return resolved;
 }
 
-/// Consecutive runs of `balance[j]` layers of `sequential`, sharing its modules.
+/// Consecutive runs of `balance[j]` layers of `sequential`, sharing its
+/// modules.
 inline std::vector<torch::nn::Sequential> split_sequential(
     const torch::nn::Sequential& sequential,
     const std::vector<int64_t>& balance) {
@@ -149,5 +155,4 @@ inline std::vector<torch::nn::Sequential> split_sequential(
   return partitions;
 }
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail

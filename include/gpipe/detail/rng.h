@@ -15,8 +15,7 @@
 #include <mutex>
 #include <optional>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 inline at::Generator default_generator(const torch::Device& device) {
   return at::globalContext().defaultGenerator(device);
@@ -27,7 +26,9 @@ inline torch::Tensor generator_state(at::Generator generator) {
   return generator.get_state();
 }
 
-inline void set_generator_state(at::Generator generator, const torch::Tensor& state) {
+inline void set_generator_state(
+    at::Generator generator,
+    const torch::Tensor& state) {
   std::lock_guard<std::mutex> lock(generator.mutex());
   generator.set_state(state);
 }
@@ -79,5 +80,4 @@ class RngReplayGuard {
   RngSnapshot saved_;
 };
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail

@@ -1,13 +1,14 @@
 // One cell of the pipeline: partition j applied to micro-batch i.
 //
 // Note [A cell is one autograd node]
-// Each cell runs its partition inside a custom autograd Function (StageFunction)
-// whose inputs are the cell's input and the partition's parameters. In
-// forward it either keeps the partition's own graph (no checkpoint) or runs
-// without a graph and keeps only its input and RNG state (checkpoint); in
-// backward it recomputes if needed and differentiates that inner graph with
-// torch::autograd::grad, returning gradients for the input and for every
-// parameter. Why one node per cell rather than the bare layers' graph:
+// Each cell runs its partition inside a custom autograd Function
+// (StageFunction) whose inputs are the cell's input and the partition's
+// parameters. In forward it either keeps the partition's own graph (no
+// checkpoint) or runs without a graph and keeps only its input and RNG state
+// (checkpoint); in backward it recomputes if needed and differentiates that
+// inner graph with torch::autograd::grad, returning gradients for the input and
+// for every parameter. Why one node per cell rather than the bare layers'
+// graph:
 //   * checkpointing and plain cells look the same to the outer graph, so the
 //     three modes differ only in what a cell keeps, never in the numbers;
 //   * the backward of a cell is one place to stamp the partition and
@@ -46,8 +47,7 @@
 #include <utility>
 #include <vector>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 /// Where a cell sits in the pipe, for error messages and timelines.
 struct CellIndex {
@@ -57,7 +57,10 @@ struct CellIndex {
 
 /// Calls `fn`, prefixing any c10::Error with which cell failed and in what.
 template <typename Fn>
-decltype(auto) with_cell_context(const CellIndex& cell, const char* phase, Fn&& fn) {
+decltype(auto) with_cell_context(
+    const CellIndex& cell,
+    const char* phase,
+    Fn&& fn) {
   try {
     return std::forward<Fn>(fn)();
   } catch (const c10::Error& e) {
@@ -124,7 +127,8 @@ struct StageState : torch::CustomClassHolder {
   }
 
   TimelineScope scope(Phase phase) const {
-    return TimelineScope(timeline.get(), cell.partition, cell.microbatch, phase, device);
+    return TimelineScope(
+        timeline.get(), cell.partition, cell.microbatch, phase, device);
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
@@ -163,15 +167,24 @@ struct StageState : torch::CustomClassHolder {
       wrt.insert(wrt.end(), parameters.begin(), parameters.end());
       const bool retain_graph = keep_graph && !checkpointed;
       if (accumulate_parameters) {
-        torch::autograd::backward({output}, {grad_output}, retain_graph, /*create_graph=*/false, wrt);
+        torch::autograd::backward(
+            {output}, {grad_output}, retain_graph, /*create_graph=*/false, wrt);
         if (input_requires_grad) {
           grads[0] = leaf.grad();
           leaf.mutable_grad().reset();
         }
       } else {
         auto computed = torch::autograd::grad(
-            {output}, wrt, {grad_output}, retain_graph, /*create_graph=*/false, /*allow_unused=*/true);
-        std::move(computed.begin(), computed.end(), grads.begin() + (input_requires_grad ? 0 : 1));
+            {output},
+            wrt,
+            {grad_output},
+            retain_graph,
+            /*create_graph=*/false,
+            /*allow_unused=*/true);
+        std::move(
+            computed.begin(),
+            computed.end(),
+            grads.begin() + (input_requires_grad ? 0 : 1));
       }
     }
     if (checkpointed || !keep_graph) {
@@ -206,13 +219,16 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
         !torch::GradMode::is_enabled(),
         "gpipe: double backward through a pipe is not supported "
         "(call backward without create_graph=true)");
-    const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
+    const bool keep_graph =
+        torch::autograd::get_current_graph_task_keep_graph();
     // An empty exec_info means the graph task runs everything: a plain
     // backward that accumulates into .grad.
     const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
-    const bool accumulate_parameters = exec_info == nullptr || exec_info->empty();
+    const bool accumulate_parameters =
+        exec_info == nullptr || exec_info->empty();
     auto grads = with_cell_context(state->cell, "backward", [&] {
-      return state->backward(grad_outputs[0], keep_graph, accumulate_parameters);
+      return state->backward(
+          grad_outputs[0], keep_graph, accumulate_parameters);
     });
     torch::autograd::variable_list result;
     result.reserve(1 + grads.size());
@@ -224,5 +240,4 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
   }
 };
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail

@@ -27,11 +27,12 @@
 
 #include <vector>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 /// Copies `x` to `to` following Note [Copies on side streams].
-inline torch::Tensor copy_across_devices(const torch::Tensor& x, const torch::Device& to) {
+inline torch::Tensor copy_across_devices(
+    const torch::Tensor& x,
+    const torch::Device& to) {
   const torch::Device from = x.device();
   if (!from.is_cuda() && !to.is_cuda()) {
     return x.to(to);
@@ -90,7 +91,9 @@ struct CopyToDevice : torch::autograd::Function<CopyToDevice> {
       torch::autograd::variable_list grad_outputs) {
     const torch::Device from = ctx->saved_data["from"].toDevice();
     const torch::Tensor& grad = grad_outputs[0];
-    return {grad.defined() ? copy_across_devices(grad, from) : torch::Tensor(), torch::Tensor()};
+    return {
+        grad.defined() ? copy_across_devices(grad, from) : torch::Tensor(),
+        torch::Tensor()};
   }
 };
 
@@ -109,5 +112,4 @@ class LocalTransport {
   }
 };
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail

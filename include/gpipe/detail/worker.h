@@ -32,8 +32,7 @@
 #include <utility>
 #include <vector>
 
-namespace gpipe {
-namespace detail {
+namespace gpipe::detail {
 
 /// A thread that runs queued tasks in order until it is destroyed.
 class Worker {
@@ -102,7 +101,9 @@ struct DeviceTask {
 /// Runs every task, the ones without a worker on this thread, waits for all
 /// of them, then rethrows the first exception by task order. Never returns
 /// early: a failed task cannot leave another still running on shared state.
-inline void run_on_workers(std::vector<DeviceTask>& tasks, const CallerContext& caller) {
+inline void run_on_workers(
+    std::vector<DeviceTask>& tasks,
+    const CallerContext& caller) {
   std::vector<std::exception_ptr> errors(tasks.size());
   std::mutex mutex;
   std::condition_variable done;
@@ -158,5 +159,4 @@ inline void run_on_workers(std::vector<DeviceTask>& tasks, const CallerContext& 
   }
 }
 
-} // namespace detail
-} // namespace gpipe
+} // namespace gpipe::detail
