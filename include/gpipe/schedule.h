@@ -103,8 +103,11 @@ struct Action {
 
 /// "F3" or "B3".
 inline std::string to_string(const Action& action) {
-  return (action.kind == Action::Kind::Forward ? "F" : "B") +
-      std::to_string(action.microbatch);
+  // Appended rather than `"F" + std::to_string(i)`: GCC 12 warns falsely
+  // (-Wrestrict, GCC bug 105329) on that form once inlined.
+  std::string text(1, action.kind == Action::Kind::Forward ? 'F' : 'B');
+  text += std::to_string(action.microbatch);
+  return text;
 }
 
 inline std::ostream& operator<<(std::ostream& os, const Action& action) {
