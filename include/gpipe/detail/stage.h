@@ -197,6 +197,14 @@ struct StageState : torch::CustomClassHolder {
     }
     return grads;
   }
+
+  /// Drops everything kept for backward.
+  void release() {
+    leaf.reset();
+    output.reset();
+    input.reset();
+    rng.reset();
+  }
 };
 
 /// The autograd Function of Note [A cell is one autograd node].
@@ -227,8 +235,15 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
     const bool accumulate_parameters =
         exec_info == nullptr || exec_info->empty();
     auto grads = with_cell_context(state->cell, "backward", [&] {
-      return state->backward(
-          grad_outputs[0], keep_graph, accumulate_parameters);
+      try {
+        return state->backward(
+            grad_outputs[0], keep_graph, accumulate_parameters);
+      } catch (...) {
+        // A failed backward must not keep the recomputed graph: it would
+        // outlive the step (and, with a hook that threw, never be freed).
+        state->release();
+        throw;
+      }
     });
     torch::autograd::variable_list result;
     result.reserve(1 + grads.size());
