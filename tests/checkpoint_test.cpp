@@ -85,6 +85,9 @@ TEST(Checkpointing, RepeatedStepsAfterTheSameSeedAreBitIdentical) {
 }
 
 TEST(Checkpointing, RecomputeRunsUnderGradModeEvenThoughForwardDidNot) {
+  // Micro-batch 0's forward keeps a graph just long enough to learn whether
+  // the partition's output requires grad; later checkpointed forwards run
+  // without one, and every recompute (in reverse order) with one.
   std::vector<bool> grad_mode_seen;
   torch::nn::Sequential seq(
       torch::nn::Linear(3, 3), gpipe_test::layer([&](torch::Tensor x) {
@@ -92,7 +95,9 @@ TEST(Checkpointing, RecomputeRunsUnderGradModeEvenThoughForwardDidNot) {
         return x * 2;
       }));
   GPipe<torch::nn::Sequential> pipe(
-      seq, GPipeOptions(2).checkpoint(Checkpoint::Always));
-  pipe(torch::randn({2, 3})).sum().backward();
-  EXPECT_EQ(grad_mode_seen, (std::vector<bool>{false, true}));
+      seq, GPipeOptions(2).microbatches(3).checkpoint(Checkpoint::Always));
+  pipe(torch::randn({3, 3})).sum().backward();
+  EXPECT_EQ(
+      grad_mode_seen,
+      (std::vector<bool>{true, false, false, true, true, true}));
 }

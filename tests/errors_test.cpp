@@ -102,13 +102,13 @@ TEST(BadInput, AnEmptyBatchIsRejected) {
 }
 
 TEST(BadInput, AShapeErrorInsideAStageNamesThePartition) {
+  // A c10::Error keeps its own message first and gets the cell as context.
   torch::nn::Sequential seq(torch::nn::Linear(4, 3), torch::nn::Linear(4, 2));
   Pipe pipe(seq, GPipeOptions(2).microbatches(2));
   const auto message = error_of([&] { pipe(torch::randn({4, 4})); });
-  EXPECT_EQ(
-      message.rfind(
-          "gpipe: partition 1 failed on micro-batch 0 in forward: ", 0),
-      0u)
+  EXPECT_NE(
+      message.find("(gpipe: partition 1 failed on micro-batch 0 in forward)"),
+      std::string::npos)
       << message;
   EXPECT_NE(
       message.find("mat1 and mat2 shapes cannot be multiplied"),

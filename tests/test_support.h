@@ -11,6 +11,12 @@
 
 namespace gpipe_test {
 
+/// Every checkpoint mode, for tests that must hold in each.
+constexpr gpipe::Checkpoint kCheckpointModes[] = {
+    gpipe::Checkpoint::Never,
+    gpipe::Checkpoint::ExceptLast,
+    gpipe::Checkpoint::Always};
+
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
 inline torch::nn::Sequential make_mlp(
     int64_t layers,

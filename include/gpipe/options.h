@@ -83,9 +83,17 @@ struct GPipeOptions {
   TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
   /// Give every CPU partition a thread of its own, so CPU partitions run at
   /// the same time like partitions on different GPUs do. Off by default:
-  /// all CPU partitions draw from the one CPU generator, and concurrent
-  /// draws make dropout masks depend on thread timing.
+  /// all CPU partitions draw from the one CPU generator, so with concurrent
+  /// lanes which mask a dropout draws depends on thread timing (recompute
+  /// still replays exactly the mask its forward drew).
   TORCH_ARG(bool, concurrent_cpu_partitions) = false;
+  /// BatchNorm running statistics over the whole mini-batch: training still
+  /// normalizes each micro-batch with its own statistics, but the running
+  /// mean and (unbiased) variance take one step per call on the statistics
+  /// of the whole batch, and num_batches_tracked advances by one, as plain
+  /// training of the whole batch does. Off: each micro-batch updates them,
+  /// as plain training of M smaller batches would.
+  TORCH_ARG(bool, deferred_batch_norm) = false;
 };
 
 } // namespace gpipe
