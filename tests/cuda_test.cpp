@@ -1,6 +1,9 @@
 // The same promises on GPUs. Skipped where there is none.
 #include "test_support.h"
 
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -103,4 +106,63 @@ TEST(Cuda, DropoutOnGpuIsReplayedAndDeterministic_CUDA) {
   gpipe_test::expect_identical(
       run(Checkpoint::Always), never, "always vs never");
   gpipe_test::expect_identical(run(Checkpoint::Never), never, "repeat");
+}
+
+TEST(Cuda, GradientsCrossingGpusUnderAUsersStreamEqualPlain_MultiCUDA) {
+  // Note [Gradient copies and the engine's streams]: with the user's own
+  // stream current on every device, a gradient copied between GPUs in
+  // backward must land before the next partition's backward reads it.
+  if (torch::cuda::device_count() < 2) {
+    GTEST_SKIP() << "fewer than two CUDA devices";
+  }
+  const torch::Device gpu0("cuda:0");
+  const torch::Device gpu1("cuda:1");
+  c10::impl::VirtualGuardImpl impl(torch::kCUDA);
+  c10::MultiStreamGuard users_streams(std::vector<c10::Stream>{
+      impl.getStreamFromGlobalPool(gpu0), impl.getStreamFromGlobalPool(gpu1)});
+  for (const auto mode : gpipe_test::kCheckpointModes) {
+    expect_trains_like_plain_on({gpu0, gpu1, gpu0, gpu1}, mode);
+  }
+}
+
+TEST(Cuda, APinnedInputMayBeReusedAsSoonAsForwardReturns_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  auto seq = make_mlp(2, 256, 1);
+  auto plain = clone_of(seq);
+  GPipe<torch::nn::Sequential> pipe(
+      seq, GPipeOptions(2).devices({torch::Device("cuda:0"), torch::kCPU}));
+  plain->to(torch::kCPU);
+  auto pinned = torch::randn({512, 256}).pin_memory();
+  const auto expected = plain->forward(pinned.clone());
+  const auto out = pipe(pinned);
+  pinned.zero_(); // the caller reuses its buffer at once
+  EXPECT_LE(gpipe_test::max_abs_diff(out, expected), 1e-4);
+}
+
+TEST(Cuda, DropoutOnCudaPartitionsWithCpuLanesIsReplayedExactly_CUDA) {
+  // CUDA cells used to snapshot and restore the one CPU generator while CPU
+  // lanes drew from it; each now records its own draws per operator.
+  SKIP_WITHOUT_CUDA();
+  const torch::Device gpu("cuda:0");
+  torch::manual_seed(3);
+  torch::nn::Sequential seq;
+  for (int l = 0; l < 4; ++l) {
+    seq->push_back(
+        torch::nn::Linear(torch::nn::LinearOptions(16, 16).bias(false)));
+    seq->push_back(torch::nn::Dropout(0.5));
+  }
+  GPipe<torch::nn::Sequential> pipe(
+      seq,
+      GPipeOptions(4)
+          .microbatches(8)
+          .checkpoint(Checkpoint::Always)
+          .concurrent_cpu_partitions(true)
+          .devices({gpu, torch::kCPU, gpu, torch::kCPU}));
+  const auto x = torch::randn({32, 16}).requires_grad_();
+  const auto g = torch::randn({32, 16});
+  const auto y = pipe(x);
+  (y * g.to(y.device())).sum().backward();
+  const double lhs = (x.grad() * x).sum().item<double>();
+  const double rhs = (g.to(y.device()) * y).sum().item<double>();
+  EXPECT_LT(std::abs(lhs - rhs) / std::abs(rhs), 1e-4);
 }

@@ -544,9 +544,16 @@ class GPipeImpl : public torch::nn::Module {
       return x;
     }
     return detail::with_cell_context({i, j}, "copy", [&] {
-      detail::TimelineScope recording(
-          timeline_.get(), j, i, Phase::Copy, device);
-      return transport_.send(x, device);
+      if (!timeline_) {
+        return transport_.send(x, device);
+      }
+      // Timed on the copy stream, where the copy runs.
+      size_t token = 0;
+      Timeline* timeline = timeline_.get();
+      const detail::CopyHooks hooks{
+          [&] { token = timeline->begin(j, i, Phase::Copy, device); },
+          [&] { timeline->end(token); }};
+      return transport_.send(x, device, &hooks);
     });
   }
 

@@ -162,16 +162,23 @@ class Timeline {
   std::unique_ptr<c10::Event> record_on_current_stream(
       const torch::Device& device) {
     c10::impl::VirtualGuardImpl impl(device.type());
+    bool anchored = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      anchored = find_anchor(device) != nullptr;
+    }
+    if (!anchored) {
+      // Waits for the stream once per device: outside the lock, so other
+      // lanes keep recording meanwhile.
+      Anchor anchor;
+      anchor.device = device;
+      anchor.event = std::make_unique<c10::Event>(
+          device.type(), c10::EventFlag::BACKEND_DEFAULT);
+      anchor.event->record(impl.getStream(device));
+      anchor.event->synchronize();
+      anchor.host_us = now_us();
+      std::lock_guard<std::mutex> lock(mutex_);
       if (find_anchor(device) == nullptr) {
-        Anchor anchor;
-        anchor.device = device;
-        anchor.event = std::make_unique<c10::Event>(
-            device.type(), c10::EventFlag::BACKEND_DEFAULT);
-        anchor.event->record(impl.getStream(device));
-        anchor.event->synchronize();
-        anchor.host_us = now_us();
         anchors_.push_back(std::move(anchor));
       }
     }
