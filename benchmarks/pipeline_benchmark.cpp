@@ -20,10 +20,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <iostream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -390,48 +388,45 @@ std::vector<Config> cuda_configs(bool quick) {
   return configs;
 }
 
-std::string json_escape(const std::string& text) {
-  std::string out;
-  for (const char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-    }
-    out += c;
-  }
-  return out;
-}
-
+/// The results as JSON, strings escaped and numbers written by the
+/// library's own JSON helpers (trace.h), as its traces and summaries are.
 void write_json(const std::vector<Result>& results, const Flags& flags) {
-  std::ofstream out(flags.output);
-  out << "{\n  \"repeats\": " << flags.repeats
-      << ",\n  \"warmup\": " << flags.warmup << ",\n  \"results\": [\n";
+  using gpipe::detail::json_number;
+  using gpipe::detail::json_string;
+  std::string json = "{\n  \"repeats\": " + std::to_string(flags.repeats) +
+      ",\n  \"warmup\": " + std::to_string(flags.warmup) +
+      ",\n  \"results\": [\n";
   for (size_t k = 0; k < results.size(); ++k) {
     const auto& r = results[k];
-    out << "    {\"name\": \"" << json_escape(r.config.name)
-        << "\", \"device\": \"" << r.config.device
-        << "\", \"batch\": " << r.config.batch
-        << ", \"partitions\": " << r.config.partitions
-        << ", \"microbatches\": " << r.config.microbatches
-        << ", \"checkpoint\": \"" << gpipe::to_string(r.config.checkpoint)
-        << "\", \"step\": " << (r.config.use_step ? "true" : "false")
-        << ", \"schedule\": \"" << gpipe::to_string(r.config.schedule)
-        << "\", \"baseline\": \""
-        << (r.config.against_fill_drain               ? "gpipe fill_drain"
-                : r.config.against_plain_microbatched ? "plain micro-batched"
-                                                      : "plain")
-        << "\", \"baseline_ms\": " << r.baseline_ms
-        << ", \"gpipe_ms\": " << r.gpipe_ms
-        << ", \"time_ratio\": " << r.time_ratio
-        << ", \"baseline_activation_mb\": " << r.baseline_activation_mb
-        << ", \"gpipe_activation_mb\": " << r.gpipe_activation_mb
-        << ", \"gpipe_total_peak_mb\": " << r.gpipe_total_peak_mb
-        << ", \"memory_ratio\": " << r.memory_ratio
-        << ", \"time_target\": " << r.config.time_target
-        << ", \"memory_target\": " << r.config.memory_target
-        << ", \"total_peak_target_mb\": " << r.config.total_peak_target_mb
-        << "}" << (k + 1 < results.size() ? "," : "") << "\n";
+    const char* baseline = r.config.against_fill_drain ? "gpipe fill_drain"
+        : r.config.against_plain_microbatched          ? "plain micro-batched"
+                                                       : "plain";
+    json += "    {\"name\": " + json_string(r.config.name) +
+        ", \"device\": " + json_string(r.config.device.str()) +
+        ", \"batch\": " + std::to_string(r.config.batch) +
+        ", \"partitions\": " + std::to_string(r.config.partitions) +
+        ", \"microbatches\": " + std::to_string(r.config.microbatches) +
+        ", \"checkpoint\": " +
+        json_string(gpipe::to_string(r.config.checkpoint)) +
+        ", \"step\": " + (r.config.use_step ? "true" : "false") +
+        ", \"schedule\": " + json_string(gpipe::to_string(r.config.schedule)) +
+        ", \"baseline\": " + json_string(baseline) +
+        ", \"baseline_ms\": " + json_number(r.baseline_ms) +
+        ", \"gpipe_ms\": " + json_number(r.gpipe_ms) +
+        ", \"time_ratio\": " + json_number(r.time_ratio) +
+        ", \"baseline_activation_mb\": " +
+        json_number(r.baseline_activation_mb) +
+        ", \"gpipe_activation_mb\": " + json_number(r.gpipe_activation_mb) +
+        ", \"gpipe_total_peak_mb\": " + json_number(r.gpipe_total_peak_mb) +
+        ", \"memory_ratio\": " + json_number(r.memory_ratio) +
+        ", \"time_target\": " + json_number(r.config.time_target) +
+        ", \"memory_target\": " + json_number(r.config.memory_target) +
+        ", \"total_peak_target_mb\": " +
+        json_number(r.config.total_peak_target_mb) + "}" +
+        (k + 1 < results.size() ? "," : "") + "\n";
   }
-  out << "  ]\n}\n";
+  json += "  ]\n}\n";
+  gpipe::detail::write_text_file(flags.output, json, "benchmark JSON");
 }
 
 void print_row(const Result& r) {

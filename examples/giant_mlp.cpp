@@ -7,7 +7,9 @@
 //   3. schedule pictures: the theoretical fill-drain schedule and the measured
 //      timeline of a real training step, as SVG files side by side, plus a
 //      Chrome trace (open it in https://ui.perfetto.dev);
-//   4. memory: the peak of a training step with and without re-materialization;
+//   4. time and memory of a training step with and without
+//      re-materialization, against plain training of the whole batch and of
+//      the same micro-batches;
 //   5. gradient equivalence: GPipe trains exactly like the plain model;
 //   6. a summary of every configuration, as a table and as JSON.
 // Run `giant_mlp --help` for the flags.
@@ -29,7 +31,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 namespace {
 
@@ -44,6 +51,8 @@ struct Flags {
   int64_t partitions = 4;
   int64_t microbatches = 8;
   std::optional<int64_t> steps; // default depends on the device
+  std::optional<int64_t> warmup; // default depends on the device
+  std::optional<int64_t> threads; // default: cores / lanes on the CPU
   std::string device; // default: cuda when present, else cpu
   std::string checkpoint = "except_last";
   std::string output = "giant_mlp_output";
@@ -69,8 +78,15 @@ flags (--name value or --name=value):
   --checkpoint MODE  re-materialization of the measured timeline and the
                      gradient check: never, except_last or always
                      (default except_last, the paper's choice)
-  --steps N          timed steps per configuration, after one warm-up
-                     (default 3 on cuda, 1 on cpu; the median is reported)
+  --steps N          timed steps per configuration (default 10 on cuda, 5 on
+                     cpu; the median is reported)
+  --warmup N         untimed steps per configuration first (default 3 on cuda,
+                     2 on cpu)
+  --threads N        intra-op CPU threads (default on the CPU: the free cores,
+                     usable cores minus the load average, divided by the
+                     pipe's lanes that run at once, so nothing oversubscribes
+                     the cores; with OMP_NUM_THREADS set, or on cuda,
+                     LibTorch's default); 0 keeps LibTorch's default
   --device D         cpu, cuda (partition j on GPU j mod count) or cuda:N
                      (default cuda when present, else cpu)
   --output DIR       folder for the SVGs, trace.json and results.json
@@ -80,7 +96,8 @@ flags (--name value or --name=value):
 )";
 
 [[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "giant_mlp: " << message << "\n\n" << kUsage;
+  std::cerr << "giant_mlp: " << message
+            << " (giant_mlp --help lists the flags)\n";
   std::exit(2);
 }
 
@@ -143,6 +160,10 @@ Flags parse_flags(int argc, char** argv) {
       flags.microbatches = parse_int(name, value, 1);
     } else if (name == "steps") {
       flags.steps = parse_int(name, value, 1);
+    } else if (name == "warmup") {
+      flags.warmup = parse_int(name, value, 0);
+    } else if (name == "threads") {
+      flags.threads = parse_int(name, value, 0);
     } else if (name == "seed") {
       flags.seed = static_cast<uint64_t>(parse_int(name, value, 0));
     } else if (name == "device") {
@@ -238,6 +259,7 @@ struct Tour {
   int64_t width = 0;
   int64_t big_batch = 0;
   int64_t steps = 1;
+  int64_t warmup = 1;
   std::vector<torch::Device> devices; // one per partition
   std::vector<torch::Device> unique_devices; // in partition order
   torch::nn::Sequential model{nullptr};
@@ -256,92 +278,119 @@ std::map<std::string, int64_t> parameter_bytes(
   return bytes;
 }
 
-/// One training step (forward, MSE loss, backward) of `forward` on fresh
-/// gradients, so the gradients are allocated inside the step.
+/// Zeroes the gradients, allocating the buffers the first time: as an
+/// optimizer's zero_grad does, so every measured step starts with its
+/// gradient buffers already allocated, plain or piped alike.
+void zero_grads(const torch::nn::Sequential& model) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model->parameters()) {
+    if (p.grad().defined()) {
+      p.mutable_grad().zero_();
+    } else {
+      p.mutable_grad() = torch::zeros_like(p);
+    }
+  }
+}
+
+/// One training step (forward, MSE loss, backward) of `forward`, gradients
+/// zeroed first.
 template <typename Forward>
 void train_step(
     Forward& forward,
     const torch::nn::Sequential& model,
     const torch::Tensor& x,
     const torch::Tensor& y) {
-  for (auto& p : model->parameters()) {
-    p.mutable_grad().reset();
-  }
+  zero_grads(model);
   const auto out = forward(x);
   torch::mse_loss(out, y.to(out.device())).backward();
 }
 
-/// Measures one configuration: a warm-up step, then `steps` timed steps
-/// under a memory meter.
-gpipe::RunResult measure(
-    Tour& tour,
-    const std::string& mode,
-    int64_t batch,
-    const std::string& label,
-    int index,
-    int count) {
-  const auto& flags = tour.flags;
-  const bool plain = mode == "plain";
-  const int64_t k = plain ? 1 : flags.partitions;
-  const int64_t m = plain ? 1 : flags.microbatches;
-  std::cout << "  [" << index << "/" << count << "] " << label << " ... "
-            << std::flush;
-
-  std::function<torch::Tensor(const torch::Tensor&)> forward;
-  std::shared_ptr<gpipe::GPipe<torch::nn::Sequential>> pipe;
-  if (plain) {
-    forward = [&](const torch::Tensor& x) { return tour.model->forward(x); };
-  } else {
-    pipe = std::make_shared<gpipe::GPipe<torch::nn::Sequential>>(
-        tour.model,
-        gpipe::GPipeOptions(k)
-            .microbatches(m)
-            .checkpoint(checkpoint_of(mode))
-            .devices(tour.devices));
-    forward = [pipe](const torch::Tensor& x) { return (*pipe)(x); };
+/// Plain training over the same m micro-batches a pipe makes, by hand: each
+/// micro-batch's loss weighted by its share of the batch, gradients
+/// accumulated. The fair baseline of a pipe: the same small matrix products,
+/// without the pipe.
+void train_step_microbatched(
+    torch::nn::Sequential& model,
+    int64_t m,
+    const torch::Tensor& x,
+    const torch::Tensor& y) {
+  zero_grads(model);
+  const auto xs = torch::tensor_split(x, m);
+  const auto ys = torch::tensor_split(y, m);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].size(0) == 0) {
+      continue;
+    }
+    const double share =
+        static_cast<double>(xs[i].size(0)) / static_cast<double>(x.size(0));
+    (torch::mse_loss(model->forward(xs[i]), ys[i]) * share).backward();
   }
-  torch::manual_seed(tour.flags.seed + 1);
-  auto x = torch::randn({batch, tour.width}).to(tour.devices.front());
-  auto y = torch::randn({batch, tour.width}).to(tour.devices.back());
+}
 
-  train_step(forward, tour.model, x, y); // warm-up
-  synchronize(tour.unique_devices);
-  for (auto& p : tour.model->parameters()) {
-    p.mutable_grad().reset(); // the measured step allocates its own gradients
+/// One configuration of step 4: how to run one training step of it.
+struct Candidate {
+  gpipe::RunResult result; // mode, batch, K, M filled in beforehand
+  std::string label;
+  std::function<void()> step;
+  std::vector<double> times; // ms, one per timed round
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+/// Times the candidates in interleaved rounds (each round runs every
+/// candidate once, in alternating order, so a machine that slows down or
+/// warms up does so for all of them) after `tour.warmup` untimed rounds, then
+/// measures one more step of each under a memory meter. Every step starts
+/// with its gradient buffers allocated, so the meter's rise above the start
+/// is activations and temporaries, for plain training and pipes alike.
+void measure(Tour& tour, std::vector<Candidate>& candidates) {
+  const size_t n = candidates.size();
+  for (int64_t round = 0; round < tour.warmup + tour.steps; ++round) {
+    for (size_t c = 0; c < n; ++c) {
+      auto& candidate = candidates[round % 2 ? n - 1 - c : c];
+      synchronize(tour.unique_devices);
+      const auto start = Clock::now();
+      candidate.step();
+      synchronize(tour.unique_devices);
+      const double ms =
+          std::chrono::duration<double, std::milli>(Clock::now() - start)
+              .count();
+      if (round >= tour.warmup) {
+        candidate.times.push_back(ms);
+      }
+    }
   }
-  gpipe::MemoryMeter meter(tour.unique_devices);
-  std::vector<double> times;
-  for (int64_t s = 0; s < tour.steps; ++s) {
-    const auto start = Clock::now();
-    train_step(forward, tour.model, x, y);
+  for (auto& candidate : candidates) {
     synchronize(tour.unique_devices);
-    times.push_back(
-        std::chrono::duration<double, std::milli>(Clock::now() - start)
-            .count());
+    gpipe::MemoryMeter meter(tour.unique_devices);
+    candidate.step();
+    synchronize(tour.unique_devices);
+    auto& result = candidate.result;
+    result.device = tour.flags.device;
+    result.step_ms = median(candidate.times);
+    result.bubble =
+        gpipe::bubble_fraction(result.partitions, result.microbatches);
+    result.peak_bytes = 0;
+    result.activation_bytes = 0;
+    for (const auto& device : tour.unique_devices) {
+      result.peak_bytes += meter.peak_bytes(device);
+      result.activation_bytes += meter.peak_increase_bytes(device);
+    }
   }
-  std::sort(times.begin(), times.end());
+}
 
-  gpipe::RunResult result;
-  result.mode = mode;
-  result.device = flags.device;
-  result.batch = batch;
-  result.partitions = k;
-  result.microbatches = m;
-  result.step_ms = times[times.size() / 2];
-  result.bubble = gpipe::bubble_fraction(k, m);
-  const auto params = parameter_bytes(tour.model);
-  for (const auto& device : tour.unique_devices) {
-    const int64_t peak = meter.peak_bytes(device);
-    const auto found = params.find(device.str());
-    const int64_t weights = found == params.end() ? 0 : found->second;
-    result.peak_bytes += peak;
-    result.activation_bytes +=
-        std::max<int64_t>(0, peak - 2 * weights); // parameters and gradients
+/// The median over the timed rounds of `a`'s time over `b`'s in the same
+/// round (how the benchmark compares, so noise common to a round cancels).
+double median_ratio(const Candidate& a, const Candidate& b) {
+  std::vector<double> ratios;
+  for (size_t r = 0; r < a.times.size() && r < b.times.size(); ++r) {
+    ratios.push_back(a.times[r] / b.times[r]);
   }
-  std::cout << milliseconds(result.step_ms) << " ms/step, peak "
-            << mib(result.peak_bytes) << " (activations "
-            << mib(result.activation_bytes) << ")\n";
-  return result;
+  return ratios.empty() ? std::nan("") : median(ratios);
 }
 
 void step_micro_batching(const Tour& tour) {
@@ -543,70 +592,157 @@ void step_pictures(Tour& tour) {
 void step_memory(Tour& tour) {
   const auto& flags = tour.flags;
   const bool one_device = tour.unique_devices.size() == 1;
+  const int64_t m = flags.microbatches;
   std::cout
-      << "\nStep 4. Memory of a training step, with and without re-materialization\n"
+      << "\nStep 4. Time and memory of a training step, with and without re-materialization\n"
       << "  Without checkpointing every layer keeps its input for backward: activations grow with\n"
       << "  batch x layers. With it, a partition keeps only its input per micro-batch and recomputes\n"
-      << "  the rest in backward, one micro-batch at a time. Activations = peak - parameters - gradients.\n"
-      << "  Memory is counted "
+      << "  the rest in backward, one micro-batch at a time, at the price of one more forward.\n"
+      << "  Times: the median of " << tour.steps << " steps after "
+      << tour.warmup
+      << " warm-up steps, the configurations interleaved step by step;\n"
+      << "  ratios: the median of the per-round ratios. \"plain, M=" << m
+      << "\" trains the same model on the same " << m << " micro-batches\n"
+      << "  without a pipe: what a pipe costs itself, apart from the cost of smaller matrix products.\n"
+      << "  Memory: every step starts with its gradient buffers allocated; activations = the peak\n"
+      << "  above the step's start, counted "
       << (tour.unique_devices.front().is_cpu()
               ? "exactly, by a counting CPU allocator"
               : "by the caching allocator's peak statistics")
-      << "; parameters take "
+      << ". Parameters take "
       << mib(parameter_bytes(tour.model).begin()->second)
       << " (x2 with gradients).\n";
   std::vector<int64_t> batches = {flags.batch};
   if (tour.big_batch > 0 && tour.big_batch != flags.batch) {
     batches.push_back(tour.big_batch);
   }
-  std::vector<std::string> modes = {"never", "except_last", "always"};
-  if (one_device) {
-    modes.insert(modes.begin(), "plain");
-  }
-  const int count =
-      static_cast<int>(batches.size() * modes.size() - (batches.size() - 1));
-  int index = 0;
   for (const auto batch : batches) {
-    std::map<std::string, gpipe::RunResult> by_mode;
-    for (const auto& mode : modes) {
-      if (batch != flags.batch && mode == "except_last") {
-        continue; // the big batch compares the extremes only
-      }
-      const std::string label =
-          (mode == "plain" ? std::string("plain model") : "gpipe " + mode) +
-          ", batch " + std::to_string(batch);
-      by_mode[mode] = measure(tour, mode, batch, label, ++index, count);
-      if (mode == flags.checkpoint && batch == flags.batch) {
-        by_mode[mode].measured_bubble = tour.measured_bubble;
-      }
-      tour.results.push_back(by_mode[mode]);
-    }
-    const auto& never = by_mode["never"];
-    const auto& always = by_mode["always"];
-    const auto ratio = [](int64_t a, int64_t b) {
-      char text[32];
-      std::snprintf(
-          text,
-          sizeof(text),
-          "%.2fx",
-          b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0);
-      return std::string(text);
+    torch::manual_seed(flags.seed + 1);
+    const auto x = torch::randn({batch, tour.width}).to(tour.devices.front());
+    const auto y = torch::randn({batch, tour.width}).to(tour.devices.back());
+    std::vector<Candidate> candidates;
+    auto add = [&](const std::string& mode,
+                   const std::string& label,
+                   int64_t k,
+                   int64_t microbatches,
+                   std::function<void()> step) {
+      Candidate candidate;
+      candidate.result.mode = mode;
+      candidate.result.batch = batch;
+      candidate.result.partitions = k;
+      candidate.result.microbatches = microbatches;
+      candidate.label = label;
+      candidate.step = std::move(step);
+      candidates.push_back(std::move(candidate));
     };
-    std::cout << "  batch " << batch << ": never -> always reduces the peak "
-              << mib(never.peak_bytes) << " -> " << mib(always.peak_bytes)
-              << " (" << ratio(never.peak_bytes, always.peak_bytes)
-              << "), activations " << mib(never.activation_bytes) << " -> "
-              << mib(always.activation_bytes) << " ("
-              << ratio(never.activation_bytes, always.activation_bytes)
-              << "); step time "
-              << ratio(
-                     static_cast<int64_t>(always.step_ms * 1000),
-                     static_cast<int64_t>(never.step_ms * 1000))
-              << " of never\n";
+    if (one_device) {
+      add("plain", "plain, whole batch", 1, 1, [&] {
+        auto forward = [&](const torch::Tensor& input) {
+          return tour.model->forward(input);
+        };
+        train_step(forward, tour.model, x, y);
+      });
+      add("plain",
+          "plain, M=" + std::to_string(m) + " micro-batches",
+          1,
+          m,
+          [&] { train_step_microbatched(tour.model, m, x, y); });
+    }
+    std::vector<std::string> modes = {"never", "except_last", "always"};
+    if (batch != flags.batch) {
+      modes = {"never", "always"}; // the big batch compares the extremes only
+    }
+    for (const auto& mode : modes) {
+      auto pipe = std::make_shared<gpipe::GPipe<torch::nn::Sequential>>(
+          tour.model,
+          gpipe::GPipeOptions(flags.partitions)
+              .microbatches(m)
+              .checkpoint(checkpoint_of(mode))
+              .devices(tour.devices));
+      add(mode, "gpipe " + mode, flags.partitions, m, [&tour, pipe, x, y] {
+        auto forward = [&](const torch::Tensor& input) {
+          return (*pipe)(input);
+        };
+        train_step(forward, tour.model, x, y);
+      });
+    }
+    std::cout << "\n  batch " << batch << ": " << candidates.size()
+              << " configurations x " << tour.warmup + tour.steps
+              << " steps ... " << std::flush;
+    const auto started = Clock::now();
+    measure(tour, candidates);
+    std::cout
+        << "done in "
+        << milliseconds(
+               std::chrono::duration<double>(Clock::now() - started).count())
+        << " s\n";
+
+    char line[192];
+    std::snprintf(
+        line,
+        sizeof(line),
+        "  %-26s %9s %10s %15s %10s %12s\n",
+        "configuration",
+        "step ms",
+        "vs plain",
+        one_device ? ("vs plain M=" + std::to_string(m)).c_str() : "",
+        "peak MiB",
+        "activ. MiB");
+    std::cout << line;
+    const auto ratio_text = [](double ratio) {
+      char text[32];
+      std::snprintf(text, sizeof(text), "%.2fx", ratio);
+      return std::isfinite(ratio) ? std::string(text) : std::string("-");
+    };
+    for (const auto& candidate : candidates) {
+      const auto& r = candidate.result;
+      std::string versus_plain = "-";
+      std::string versus_microbatched = "-";
+      if (one_device) {
+        versus_plain = ratio_text(median_ratio(candidate, candidates[0]));
+        versus_microbatched =
+            ratio_text(median_ratio(candidate, candidates[1]));
+      }
+      std::snprintf(
+          line,
+          sizeof(line),
+          "  %-26s %9.2f %10s %15s %10.1f %12.1f\n",
+          candidate.label.c_str(),
+          r.step_ms,
+          versus_plain.c_str(),
+          versus_microbatched.c_str(),
+          static_cast<double>(r.peak_bytes) / (1024.0 * 1024.0),
+          static_cast<double>(r.activation_bytes) / (1024.0 * 1024.0));
+      std::cout << line;
+    }
+    const Candidate* never = nullptr;
+    const Candidate* always = nullptr;
+    for (auto& candidate : candidates) {
+      if (candidate.result.mode == flags.checkpoint &&
+          candidate.result.partitions > 1 && batch == flags.batch) {
+        candidate.result.measured_bubble = tour.measured_bubble;
+      }
+      never = candidate.result.mode == "never" ? &candidate : never;
+      always = candidate.result.mode == "always" ? &candidate : always;
+      tour.results.push_back(candidate.result);
+    }
+    const auto& nr = never->result;
+    const auto& ar = always->result;
+    std::cout << "  never -> always: activations " << mib(nr.activation_bytes)
+              << " -> " << mib(ar.activation_bytes) << " ("
+              << ratio_text(
+                     ar.activation_bytes > 0
+                         ? static_cast<double>(nr.activation_bytes) /
+                             static_cast<double>(ar.activation_bytes)
+                         : std::nan(""))
+              << " less), peak " << mib(nr.peak_bytes) << " -> "
+              << mib(ar.peak_bytes) << "; step time "
+              << ratio_text(median_ratio(*always, *never))
+              << " of never's (one more forward: about 4/3 in theory)\n";
   }
   if (!one_device) {
     std::cout
-        << "  (the plain model is measured only when every partition shares one device)\n";
+        << "  (plain training is measured only when every partition shares one device)\n";
   }
 }
 
@@ -696,6 +832,83 @@ void step_summary(const Tour& tour) {
   std::cout << "\n  wrote " << path << "\n";
 }
 
+/// The CPUs this process may run on.
+int usable_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    return std::max(1, CPU_COUNT(&set));
+  }
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+/// The cores nobody else is using: the usable cores minus the machine's
+/// 1-minute load average (rounded), at least one. Where the load cannot be
+/// read, every usable core.
+int free_cores(int cores, double* load) {
+  *load = std::nan("");
+#if defined(__linux__) || defined(__APPLE__)
+  double loads[1] = {0};
+  if (getloadavg(loads, 1) == 1) {
+    *load = loads[0];
+    return std::max(1, cores - static_cast<int>(std::lround(loads[0])));
+  }
+#endif
+  return cores;
+}
+
+/// Sets LibTorch's intra-op threads (the threads one matrix product is split
+/// over) and says how they were chosen. Lanes of a pipe run at once, each
+/// with its own intra-op threads: together, and with whatever else the
+/// machine runs, they must not ask for more threads than there are cores.
+/// Otherwise the threads take turns on a core, every parallel operation
+/// waits for the one that is descheduled, and the waiting threads spin
+/// (OpenMP's default), taking the core from those that would work: on a
+/// busy 2-core machine the tour then takes minutes instead of seconds (see
+/// the README). This example puts every CPU partition on one lane (as GPipe
+/// does unless `concurrent_cpu_partitions` is on), so on the CPU one lane
+/// runs at a time and gets every free core; on GPUs the CPU only launches
+/// work.
+std::string set_threads(const Tour& tour) {
+  const int libtorch_default = torch::get_num_threads();
+  const int cores = usable_cores();
+  double load = 0;
+  const int free = free_cores(cores, &load);
+  int cpu_lanes = 0;
+  for (const auto& device : tour.unique_devices) {
+    cpu_lanes += device.is_cpu() ? 1 : 0;
+  }
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  std::string why;
+  if (tour.flags.threads && *tour.flags.threads > 0) {
+    torch::set_num_threads(static_cast<int>(*tour.flags.threads));
+    why = "from --threads";
+  } else if (tour.flags.threads) {
+    why = "LibTorch's default, kept by --threads 0";
+  } else if (omp != nullptr && *omp != '\0') {
+    why =
+        std::string("LibTorch's default, which follows OMP_NUM_THREADS=") + omp;
+  } else if (cpu_lanes == 0) {
+    why = "LibTorch's default: on GPUs the CPU only launches work";
+  } else {
+    torch::set_num_threads(std::max(1, free / cpu_lanes));
+    char load_text[32];
+    std::snprintf(load_text, sizeof(load_text), "%.1f", load);
+    why = "chosen: " +
+        (std::isfinite(load) ? std::to_string(free) + " free of " +
+                 std::to_string(cores) + " usable core(s) at load " + load_text
+                             : std::to_string(cores) + " usable core(s)") +
+        " / " + std::to_string(cpu_lanes) + " CPU lane(s) running at once";
+  }
+  return "threads: intra-op " + std::to_string(torch::get_num_threads()) +
+      " (" + why + "; LibTorch's default here " +
+      std::to_string(libtorch_default) + "), inter-op " +
+      std::to_string(torch::get_num_interop_threads()) + ", OMP_NUM_THREADS " +
+      (omp != nullptr ? omp : "unset");
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -715,7 +928,8 @@ int main(int argc, char** argv) {
     }
     tour.width = flags.width.value_or(on_cpu ? 256 : 1024);
     tour.big_batch = flags.big_batch.value_or(on_cpu ? 1024 : 8192);
-    tour.steps = flags.steps.value_or(on_cpu ? 1 : 3);
+    tour.steps = flags.steps.value_or(on_cpu ? 5 : 10);
+    tour.warmup = flags.warmup.value_or(on_cpu ? 2 : 3);
     for (int64_t j = 0; j < flags.partitions; ++j) {
       if (flags.device == "cuda") {
         tour.devices.emplace_back(
@@ -737,7 +951,8 @@ int main(int argc, char** argv) {
               << tour.width << ", " << tour.width << "), batch " << flags.batch
               << ", K=" << flags.partitions
               << " partitions, M=" << flags.microbatches
-              << " micro-batches, on " << flags.device << "\n";
+              << " micro-batches, on " << flags.device << "\n"
+              << set_threads(tour) << "\n";
     if (on_cpu && !flags.width) {
       std::cout
           << "(on the CPU the default width is 256 so the tour takes under a minute; --width 1024 is the\n"

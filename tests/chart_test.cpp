@@ -125,6 +125,38 @@ TEST(Chart, SvgHasOneBoxPerSliceAndEscapesTitles) {
   EXPECT_EQ(boxes, 2u * 2 * 3 + 2u * 4 * 16);
 }
 
+TEST(Chart, ASinglePanelSvgKeepsItsLegendInsideThePicture) {
+  const auto svg = gpipe::render_svg({gpipe::theoretical_schedule(4, 8)});
+  const auto number_after = [&](const std::string& key, size_t from) {
+    const size_t at = svg.find(key, from);
+    EXPECT_NE(at, std::string::npos) << key;
+    return std::stod(svg.substr(at + key.size()));
+  };
+  const double width = number_after("width=\"", 0);
+  const double height = number_after("height=\"", 0);
+  EXPECT_NE(svg.find("number in a box: micro-batch"), std::string::npos);
+  // Every left-aligned text (titles, legend) ends inside the picture, by a
+  // generous estimate of its width.
+  size_t texts = 0;
+  for (size_t at = svg.find("<text "); at != std::string::npos;
+       at = svg.find("<text ", at + 1)) {
+    const size_t open_end = svg.find('>', at);
+    const std::string tag = svg.substr(at, open_end - at);
+    if (tag.find("text-anchor") != std::string::npos) {
+      continue;
+    }
+    const std::string content =
+        svg.substr(open_end + 1, svg.find("</text>", open_end) - open_end - 1);
+    const double x = number_after("x=\"", at);
+    const double y = number_after("y=\"", at);
+    const double size = number_after("font-size=\"", at);
+    EXPECT_LE(x + gpipe::detail::text_width(content, size), width) << content;
+    EXPECT_LE(y, height) << content;
+    ++texts;
+  }
+  EXPECT_EQ(texts, 6u); // the title, four phases and the note
+}
+
 TEST(Chart, SummaryTableAndJsonHaveOneRowPerConfiguration) {
   gpipe::RunResult plain;
   plain.mode = "plain";

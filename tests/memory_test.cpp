@@ -31,11 +31,32 @@ TEST(Memory, PeakMemoryOfARegionIsItsLargestMomentNotItsSum) {
   gpipe::track_cpu_memory();
   const torch::Device cpu(torch::kCPU);
   const int64_t before = gpipe::memory_stats(cpu).current_bytes;
-  const int64_t peak = gpipe::peak_memory(cpu, [] {
+  const int64_t peak = gpipe::peak_bytes_during(cpu, [] {
     { auto a = torch::empty({kFourMegabytes}, torch::kUInt8); }
     { auto b = torch::empty({2 * kFourMegabytes}, torch::kUInt8); }
   });
   EXPECT_EQ(peak - before, 2 * kFourMegabytes);
+}
+
+TEST(Memory, PeakBytesDuringIsAbsoluteAndPeakIncreaseBytesDuringIsTheRise) {
+  gpipe::track_cpu_memory();
+  const torch::Device cpu(torch::kCPU);
+  const auto kept = torch::empty({kFourMegabytes}, torch::kUInt8);
+  const int64_t before = gpipe::memory_stats(cpu).current_bytes;
+  auto region = [] { auto a = torch::empty({kFourMegabytes}, torch::kUInt8); };
+  EXPECT_EQ(gpipe::peak_bytes_during(cpu, region), before + kFourMegabytes);
+  EXPECT_EQ(gpipe::peak_increase_bytes_during(cpu, region), kFourMegabytes);
+}
+
+TEST(Memory, TheDeprecatedPeakMemoryStillGivesTheAbsolutePeak) {
+  gpipe::track_cpu_memory();
+  const torch::Device cpu(torch::kCPU);
+  const int64_t before = gpipe::memory_stats(cpu).current_bytes;
+  auto region = [] { auto a = torch::empty({kFourMegabytes}, torch::kUInt8); };
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  EXPECT_EQ(gpipe::peak_memory(cpu, region), before + kFourMegabytes);
+#pragma GCC diagnostic pop
 }
 
 TEST(Memory, CpuMeterCountsAllocationsOfOtherThreads) {

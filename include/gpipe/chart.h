@@ -8,8 +8,14 @@
 // duration), so the theoretical schedule (in clock ticks) and a measured
 // Timeline (in milliseconds) render the same way and are tested as data,
 // not pixels. The SVG and the JSON are plain string building: no plotting or
-// JSON library. These are the C++ forms of the seed notebook's
-// `plot_pipeline_schedule` and `summarize_results`.
+// JSON library.
+//
+// Letters as in schedule.h: m micro-batches, n partitions, i a micro-batch,
+// j a partition (the paper's M and K, which the pictures' titles and file
+// names print). Note the argument order: the functions here take the
+// partitions first, (n, m), as `GPipeOptions(n).microbatches(m)` reads,
+// where schedule.h's `clock_cycles(m, n)` and `schedule_actions(s, m, n)`
+// take the micro-batches first.
 #pragma once
 
 #include <gpipe/schedule.h>
@@ -33,22 +39,32 @@ namespace gpipe {
 /// One box of a schedule chart: `row` (a partition) did `phase` for
 /// `microbatch` from `start` for `duration` (in the layout's unit).
 struct ScheduleSlice {
+  /// The row the box is drawn in: partition j, or whatever the layout's rows
+  /// are (`row_labels[row]` names it).
   int64_t row = 0;
+  /// The micro-batch i, printed inside the box.
   int64_t microbatch = 0;
+  /// What the row was doing; picks the box's colour.
   Phase phase = Phase::Forward;
+  /// Where the box starts and how long it is, in the layout's `unit`.
   double start = 0;
   double duration = 0;
 };
 
-/// What a schedule chart draws: labelled rows and their slices.
+/// What a schedule chart draws: labelled rows and their slices. Made by
+/// `theoretical_schedule` or `measured_schedule`, or by hand; drawn by
+/// `render_svg` / `write_svg`.
 struct ScheduleLayout {
+  /// Printed above the chart.
   std::string title;
   /// The unit of start and duration, for the axis ("tick", "ms").
   std::string unit;
+  /// One label per row, top to bottom; the number of rows.
   std::vector<std::string> row_labels;
+  /// The boxes, in any order.
   std::vector<ScheduleSlice> slices;
 
-  /// The end of the last slice.
+  /// The end of the last slice (0 for no slices), in `unit`.
   double span() const {
     double end = 0;
     for (const auto& slice : slices) {
@@ -60,58 +76,60 @@ struct ScheduleLayout {
 
 namespace detail {
 
-inline void check_pipe_shape(
-    int64_t partitions,
-    int64_t microbatches,
-    const char* what) {
+inline void check_pipe_shape(int64_t n, int64_t m, const char* what) {
   TORCH_CHECK(
-      partitions >= 1 && microbatches >= 1,
+      n >= 1 && m >= 1,
       "gpipe: ",
       what,
       " needs at least one partition and one micro-batch (partitions: ",
-      partitions,
+      n,
       ", microbatches: ",
-      microbatches,
+      m,
       ")");
 }
 
 } // namespace detail
 
-/// The paper's efficiency of a K-stage pipe fed M micro-batches: M/(M+K-1).
-inline double pipeline_efficiency(int64_t partitions, int64_t microbatches) {
-  detail::check_pipe_shape(partitions, microbatches, "efficiency");
-  return static_cast<double>(microbatches) /
-      static_cast<double>(microbatches + partitions - 1);
+/// The paper's efficiency of a pipe of n partitions fed m micro-batches,
+/// m / (m + n - 1): the share of the fill-drain schedule's ticks in which a
+/// partition works. Arguments: partitions first. n = 4, m = 16 gives 0.842.
+/// Throws a c10::Error unless n >= 1 and m >= 1.
+inline double pipeline_efficiency(int64_t n, int64_t m) {
+  detail::check_pipe_shape(n, m, "efficiency");
+  return static_cast<double>(m) / static_cast<double>(m + n - 1);
 }
 
-/// The share of the schedule each stage sits idle: (K-1)/(M+K-1).
-inline double bubble_fraction(int64_t partitions, int64_t microbatches) {
-  return 1.0 - pipeline_efficiency(partitions, microbatches);
+/// The bubble: the share of the fill-drain schedule a partition sits idle,
+/// (n - 1) / (m + n - 1) for n partitions and m micro-batches (partitions
+/// first), i.e. 1 - `pipeline_efficiency(n, m)`. n = 4, m = 16 gives 0.158.
+/// Throws a c10::Error unless n >= 1 and m >= 1.
+inline double bubble_fraction(int64_t n, int64_t m) {
+  return 1.0 - pipeline_efficiency(n, m);
 }
 
-/// `schedule` for K partitions and M micro-batches, one tick per lockstep
-/// step. Fill-drain puts forward (i, j) at tick i + j, then backward in
-/// reverse, (i, j) at tick (M + K - 1) + (M - 1 - i) + (K - 1 - j); 1F1B
-/// interleaves them. Both: 2·K·M slices over 2·(M + K - 1) ticks.
+/// The chart of `schedule` for n partitions and m micro-batches (partitions
+/// first), one row per partition and one tick per lockstep step, in the unit
+/// "tick". Fill-drain puts forward (i, j) at tick i + j, then backward in
+/// reverse, (i, j) at tick (m + n - 1) + (m - 1 - i) + (n - 1 - j); 1F1B
+/// interleaves them. Both: 2·n·m slices over 2·(m + n - 1) ticks. The title
+/// reads like "GPipe schedule, theory (K=4, M=8)", in the paper's letters.
+/// Throws a c10::Error unless n >= 1 and m >= 1.
 inline ScheduleLayout theoretical_schedule(
     Schedule schedule,
-    int64_t partitions,
-    int64_t microbatches) {
-  detail::check_pipe_shape(partitions, microbatches, "a schedule");
+    int64_t n,
+    int64_t m) {
+  detail::check_pipe_shape(n, m, "a schedule");
   ScheduleLayout layout;
   layout.title =
       std::string(schedule == Schedule::FillDrain ? "GPipe" : "1F1B") +
-      " schedule, theory (K=" + std::to_string(partitions) +
-      ", M=" + std::to_string(microbatches) + ")";
+      " schedule, theory (K=" + std::to_string(n) + ", M=" + std::to_string(m) +
+      ")";
   layout.unit = "tick";
-  for (int64_t j = 0; j < partitions; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     layout.row_labels.push_back("partition " + std::to_string(j));
   }
   // One tick per lockstep step: the schedule's own validator lays it out.
-  const auto grid = lockstep(
-      schedule_actions(schedule, microbatches, partitions),
-      microbatches,
-      partitions);
+  const auto grid = lockstep(schedule_actions(schedule, m, n), m, n);
   for (size_t step = 0; step < grid.size(); ++step) {
     for (size_t j = 0; j < grid[step].size(); ++j) {
       if (const auto& action = grid[step][j]) {
@@ -128,16 +146,19 @@ inline ScheduleLayout theoretical_schedule(
   return layout;
 }
 
-/// The fill-drain schedule of GPipe: forward i on partition j at tick
-/// i + j, backward the same staircase in reverse.
-inline ScheduleLayout theoretical_schedule(
-    int64_t partitions,
-    int64_t microbatches) {
-  return theoretical_schedule(Schedule::FillDrain, partitions, microbatches);
+/// The chart of GPipe's fill-drain schedule for n partitions and m
+/// micro-batches (partitions first): forward i on partition j at tick i + j,
+/// backward the same staircase in reverse. The same as
+/// `theoretical_schedule(Schedule::FillDrain, n, m)`.
+inline ScheduleLayout theoretical_schedule(int64_t n, int64_t m) {
+  return theoretical_schedule(Schedule::FillDrain, n, m);
 }
 
-/// A Timeline's slices as a layout: one row per partition, times in
-/// milliseconds from the first slice's start.
+/// A Timeline's slices (`timeline->events()`) as a layout, to draw a real
+/// step the same way as the theory: one row per partition (labelled with its
+/// device), every slice (forward, backward, recompute, copy) a box, times in
+/// milliseconds from the first slice's start. No events give a layout with
+/// no rows.
 inline ScheduleLayout measured_schedule(
     const std::vector<TimelineEvent>& events,
     const std::string& title = "GPipe schedule, measured") {
@@ -176,7 +197,10 @@ inline ScheduleLayout measured_schedule(
 }
 
 /// The idle share of a layout: 1 - (busy time of all rows) / (rows · span),
-/// where busy is the union of a row's compute slices (copies do not count).
+/// where a row's busy time is the union of its compute slices (copies do not
+/// count, overlapping slices count once). For `theoretical_schedule(n, m)`
+/// it is `bubble_fraction(n, m)`; for a `measured_schedule` it is the
+/// measured bubble. 0 for an empty layout.
 inline double bubble_fraction(const ScheduleLayout& layout) {
   const double span = layout.span();
   const auto rows = layout.row_labels.size();
@@ -251,6 +275,13 @@ inline std::string svg_number(double value) {
   char text[32];
   std::snprintf(text, sizeof(text), "%.1f", value);
   return text;
+}
+
+/// A generous estimate of the width of `text` in pixels at `font_size` in
+/// a sans-serif font (0.6 em per character; Helvetica averages about 0.5),
+/// so that a layout that fits this estimate fits the real text.
+inline double text_width(const std::string& text, double font_size) {
+  return 0.6 * font_size * static_cast<double>(text.size());
 }
 
 /// A "nice" axis step (1, 2 or 5 times a power of ten) for about 6 ticks.
@@ -343,7 +374,10 @@ inline std::string svg_panel(const ScheduleLayout& layout, double x, double y) {
 
 } // namespace detail
 
-/// Draws `panels` side by side as one SVG, with a legend of the phases.
+/// Draws `panels` side by side as one SVG document (returned as text), each
+/// with its title, row labels and time axis, and below them a legend of the
+/// phases' colours. Boxes carry a tooltip with their name ("F3 on row 1").
+/// Throws a c10::Error for no panels.
 inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
   TORCH_CHECK(
       !panels.empty(),
@@ -358,7 +392,20 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
       10;
   const double legend_y = detail::kTitleHeight +
       static_cast<double>(rows) * detail::kRowHeight + detail::kAxisHeight + 14;
-  const double height = legend_y + 30;
+  // The legend: four phases in a row, then the note; the note takes a line
+  // of its own when the row would run past the picture's right edge (one
+  // panel is too narrow for both).
+  constexpr double kLegendItemWidth = 110;
+  constexpr double kLegendLine = 22;
+  const char* const note = "number in a box: micro-batch";
+  const double legend_left = 10 + detail::kLabelWidth;
+  double note_x = legend_left + 4 * kLegendItemWidth + 10;
+  double note_y = legend_y;
+  if (note_x + detail::text_width(note, 12) > width - 10) {
+    note_x = legend_left;
+    note_y = legend_y + kLegendLine;
+  }
+  const double height = note_y + 30;
   std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" +
       detail::svg_number(width) + "\" height=\"" + detail::svg_number(height) +
       "\" viewBox=\"0 0 " + detail::svg_number(width) + " " +
@@ -371,7 +418,7 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
         10 + static_cast<double>(p) * (panel_width + detail::kPanelGap),
         4);
   }
-  double legend_x = 10 + detail::kLabelWidth;
+  double legend_x = legend_left;
   for (const auto phase :
        {Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy}) {
     svg += "<rect x=\"" + detail::svg_number(legend_x) + "\" y=\"" +
@@ -380,50 +427,62 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
     svg += "<text x=\"" + detail::svg_number(legend_x + 20) + "\" y=\"" +
         detail::svg_number(legend_y + 12) + "\" font-size=\"12\">" +
         to_string(phase) + "</text>\n";
-    legend_x += 110;
+    legend_x += kLegendItemWidth;
   }
-  svg += "<text x=\"" + detail::svg_number(legend_x + 10) + "\" y=\"" +
-      detail::svg_number(legend_y + 12) +
-      "\" font-size=\"12\" fill=\"#555555\">number in a box: micro-batch</text>\n";
+  svg += "<text x=\"" + detail::svg_number(note_x) + "\" y=\"" +
+      detail::svg_number(note_y + 12) +
+      "\" font-size=\"12\" fill=\"#555555\">" + note + "</text>\n";
   svg += "</svg>\n";
   return svg;
 }
 
-/// Writes `render_svg(panels)` to `path`.
+/// Writes `render_svg(panels)` to the file `path` (replacing it); throws a
+/// c10::Error naming the path when it cannot be written.
 inline void write_svg(
     const std::vector<ScheduleLayout>& panels,
     const std::string& path) {
   detail::write_text_file(path, render_svg(panels), "SVG");
 }
 
-/// Draws the theoretical schedule of K partitions and M micro-batches into
-/// `output_dir`/pipeline_schedule_K<K>_M<M>.svg and returns that path (the
-/// seed notebook's `plot_pipeline_schedule`). The folder must exist.
+/// Draws the theoretical fill-drain schedule of n partitions and m
+/// micro-batches (partitions first) into
+/// `output_dir`/pipeline_schedule_K<n>_M<m>.svg (the paper's letters) and
+/// returns that path. The folder must exist; throws a c10::Error when the
+/// file cannot be written.
 inline std::string plot_pipeline_schedule(
-    int64_t partitions,
-    int64_t microbatches,
+    int64_t n,
+    int64_t m,
     const std::string& output_dir) {
   const std::string path = output_dir + "/pipeline_schedule_K" +
-      std::to_string(partitions) + "_M" + std::to_string(microbatches) + ".svg";
-  write_svg({theoretical_schedule(partitions, microbatches)}, path);
+      std::to_string(n) + "_M" + std::to_string(m) + ".svg";
+  write_svg({theoretical_schedule(n, m)}, path);
   return path;
 }
 
-/// One measured configuration, a row of `summarize_results`.
+/// One measured configuration, a row of `summarize_results` and an object of
+/// `results_json`. Fill in what you measured; NaN numbers print as "-"
+/// (null in JSON).
 struct RunResult {
   /// "plain", or the pipe's checkpoint mode ("never", "except_last", ...).
   std::string mode;
+  /// Where it ran ("cpu", "cuda").
   std::string device;
+  /// Rows per step.
   int64_t batch = 0;
+  /// n, the partitions (1 for plain training).
   int64_t partitions = 1;
+  /// m, the micro-batches per step (1 for plain training of the whole batch).
   int64_t microbatches = 1;
   /// Median wall time of a training step (forward, loss, backward).
   double step_ms = std::numeric_limits<double>::quiet_NaN();
-  /// Peak bytes allocated during a step, summed over the devices.
+  /// Absolute peak bytes allocated during a step, summed over the devices
+  /// (`MemoryMeter::peak_bytes`).
   int64_t peak_bytes = 0;
-  /// The peak minus parameters and gradients.
+  /// The rise above the step's start (`MemoryMeter::peak_increase_bytes`),
+  /// summed over the devices: with gradient buffers allocated before the
+  /// step, its activations and temporaries.
   int64_t activation_bytes = 0;
-  /// The theoretical bubble (K-1)/(M+K-1).
+  /// The theoretical bubble (n - 1)/(m + n - 1), `bubble_fraction(n, m)`.
   double bubble = std::numeric_limits<double>::quiet_NaN();
   /// The bubble of a measured timeline, NaN where none was recorded.
   double measured_bubble = std::numeric_limits<double>::quiet_NaN();
@@ -446,8 +505,9 @@ inline double megabytes(int64_t bytes) {
 
 } // namespace detail
 
-/// `results` as an aligned text table, one row per configuration (the seed
-/// notebook's `summarize_results`). Sizes in MiB.
+/// `results` as an aligned text table with a header line, one row per
+/// configuration: mode, device, batch, K (partitions), M (micro-batches),
+/// step ms, peak MiB, activ. MiB, bubble and measured bubble (percent).
 inline std::string summarize_results(const std::vector<RunResult>& results) {
   const std::vector<std::string> header = {
       "mode",
@@ -501,7 +561,9 @@ inline std::string summarize_results(const std::vector<RunResult>& results) {
   return text;
 }
 
-/// `results` as a JSON array of objects, for machines.
+/// `results` as a JSON array of objects, for machines: one object per
+/// configuration with the fields of `RunResult` under their own names
+/// (sizes in bytes, times in ms, bubbles as fractions; NaN as null).
 inline std::string results_json(const std::vector<RunResult>& results) {
   std::string json = "[";
   for (size_t k = 0; k < results.size(); ++k) {

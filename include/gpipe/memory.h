@@ -6,6 +6,7 @@
 // models, not only in the example. The same call works on every device:
 //   * CUDA (and other accelerators with a caching allocator): the allocator's
 //     own statistics, `allocated_bytes` current and peak, reset per device.
+//     Bytes handed out to tensors, not the cache the allocator reserves.
 //   * CPU: LibTorch keeps no statistics, so the first CPU measurement installs
 //     a counting allocator that wraps `c10::GetCPUAllocator()` for the rest of
 //     the process. It counts bytes exactly, but only of blocks it allocated:
@@ -14,6 +15,22 @@
 //     start of a program to see everything, parameters included.
 // Peaks are process-wide per device: two meters running at once on one device
 // reset each other's peak.
+//
+// Two kinds of number, named apart everywhere:
+//   * absolute ("peak bytes"): everything allocated on the device at its
+//     highest point, parameters and gradients included:
+//     `MemoryMeter::peak_bytes`, `peak_bytes_during`;
+//   * a rise ("peak increase bytes"): how far the peak went above what was
+//     allocated when the measurement started, which for a training step whose
+//     gradient buffers exist beforehand is its activations and temporaries:
+//     `MemoryMeter::peak_increase_bytes`, `peak_increase_bytes_during`.
+//
+//   gpipe::track_cpu_memory();                      // first thing in main
+//   ...
+//   gpipe::MemoryMeter meter({torch::kCPU});
+//   loss_fn(pipe(x), y).backward();
+//   int64_t total = meter.peak_bytes(torch::kCPU);             // absolute
+//   int64_t rise = meter.peak_increase_bytes(torch::kCPU);     // above start
 #pragma once
 
 #include <c10/core/Allocator.h>
@@ -39,10 +56,13 @@
 
 namespace gpipe {
 
-/// Bytes allocated on one device: now, and at the highest point since its
-/// peak was last reset.
+/// Bytes allocated on one device, as `memory_stats` reads them.
 struct MemoryStats {
+  /// Bytes allocated now.
   int64_t current_bytes = 0;
+  /// Bytes allocated at the highest point since the device's peak was last
+  /// reset (`reset_peak_memory`, or a `MemoryMeter` starting). Absolute:
+  /// everything allocated then, not the rise above some start.
   int64_t peak_bytes = 0;
 };
 
@@ -178,13 +198,22 @@ inline c10::DeviceIndex index_of(const torch::Device& device) {
 
 } // namespace detail
 
-/// Starts counting CPU allocations now (idempotent); see the note atop this
-/// header. Memory calls on the CPU do this themselves.
+/// Starts counting CPU allocations now, for the rest of the process, by
+/// installing a counting allocator in front of LibTorch's CPU allocator.
+/// Calling it again does nothing. The counter sees only blocks allocated after
+/// it was installed: call this first thing in `main` so that the model's
+/// parameters are counted too. Every CPU call of this header installs it
+/// when needed. Throws a c10::Error if another CPU allocator with a higher
+/// priority than gpipe's (100) is installed, since nothing could be counted.
 inline void track_cpu_memory() {
   (void)detail::cpu_counter();
 }
 
-/// Bytes allocated on `device` now and at the peak since the last reset.
+/// Bytes allocated on `device` now and at its peak since the last reset
+/// (both absolute). The CPU's numbers come from the counting allocator (see
+/// `track_cpu_memory`); a CUDA device's from its caching allocator's
+/// `allocated_bytes`, which this call starts if it was not yet. Throws a
+/// c10::Error for a device whose LibTorch keeps no memory statistics.
 inline MemoryStats memory_stats(const torch::Device& device) {
   if (device.is_cpu()) {
     return detail::cpu_counter().stats();
@@ -213,7 +242,10 @@ inline MemoryStats memory_stats(const torch::Device& device) {
 #endif
 }
 
-/// Makes the peak of `device` its current value.
+/// Makes the peak of `device` its current value, so that a later
+/// `memory_stats(device).peak_bytes` covers only what happens from now on.
+/// Peaks are per device and process-wide: this also moves the peak that any
+/// other running measurement of `device` would read.
 inline void reset_peak_memory(const torch::Device& device) {
   if (device.is_cpu()) {
     detail::cpu_counter().reset_peak();
@@ -237,15 +269,22 @@ inline void reset_peak_memory(const torch::Device& device) {
 #endif
 }
 
-/// Measures a region of code: construct it (peaks reset), run the region,
-/// read `peak_bytes` per device.
+/// Measures a region of code on one or more devices: construct it (each
+/// device's peak is reset and its current bytes recorded as the start), run
+/// the region, then read per device the absolute peak (`peak_bytes`) or the
+/// rise above the start (`peak_increase_bytes`).
 ///
 ///   gpipe::MemoryMeter meter({torch::kCPU});
 ///   train_step();
-///   auto activations = meter.peak_bytes(torch::kCPU) -
-///   meter.start_bytes(torch::kCPU);
+///   int64_t rise = meter.peak_increase_bytes(torch::kCPU);
+///
+/// The readings are live: read them right after the region, before other
+/// work moves the peak. Two meters of one device at once share its peak
+/// (constructing or resetting one resets the other's).
 class MemoryMeter {
  public:
+  /// Starts measuring `devices` (at least one); throws a c10::Error for an
+  /// empty list or a device without memory statistics.
   explicit MemoryMeter(std::vector<torch::Device> devices)
       : devices_(std::move(devices)) {
     TORCH_CHECK(
@@ -254,7 +293,8 @@ class MemoryMeter {
     reset();
   }
 
-  /// Restarts the measurement: peaks become the current values.
+  /// Restarts the measurement: every device's peak becomes its current bytes,
+  /// which are recorded as the new start.
   void reset() {
     start_.clear();
     for (const auto& device : devices_) {
@@ -263,7 +303,11 @@ class MemoryMeter {
     }
   }
 
-  /// The highest bytes allocated on `device` since the meter (re)started.
+  /// Absolute: the most bytes allocated on `device` at any moment since the
+  /// meter (re)started, including what was already allocated then
+  /// (parameters, gradients, anything alive). For the rise above the start,
+  /// use `peak_increase_bytes`. Throws a c10::Error for a device the meter
+  /// does not measure.
   int64_t peak_bytes(const torch::Device& device) const {
     (void)slot(device);
     return memory_stats(device).peak_bytes;
@@ -274,11 +318,16 @@ class MemoryMeter {
     return start_[slot(device)];
   }
 
-  /// How far above its start `device` went.
+  /// A rise: how far `device` went above its start, `peak_bytes(device) -
+  /// start_bytes(device)` (never negative). Measured around a training step
+  /// whose gradient buffers exist beforehand (e.g. after a first step, with
+  /// `zero_grad` keeping them), this is the step's activations and
+  /// temporaries.
   int64_t peak_increase_bytes(const torch::Device& device) const {
     return std::max<int64_t>(0, peak_bytes(device) - start_bytes(device));
   }
 
+  /// The devices measured, in the order given to the constructor.
   const std::vector<torch::Device>& devices() const {
     return devices_;
   }
@@ -298,13 +347,41 @@ class MemoryMeter {
   std::vector<int64_t> start_;
 };
 
-/// The highest bytes allocated on `device` while `fn` ran (the seed notebook's
-/// `get_peak_memory`): resets the peak, runs `fn`, reads the peak.
+/// Absolute: the most bytes allocated on `device` at any moment while `fn()`
+/// ran, including what was allocated before it started (parameters,
+/// gradients). Resets the device's peak, runs `fn`, reads the peak. For the
+/// rise above the start, use `peak_increase_bytes_during`.
+///
+///   int64_t total = gpipe::peak_bytes_during(torch::kCPU, [&] { step(); });
 template <typename Fn>
-int64_t peak_memory(const torch::Device& device, Fn&& fn) {
+int64_t peak_bytes_during(const torch::Device& device, Fn&& fn) {
   MemoryMeter meter({device});
   std::forward<Fn>(fn)();
   return meter.peak_bytes(device);
+}
+
+/// A rise: how far the bytes allocated on `device` went above their level
+/// at the start while `fn()` ran (`peak_bytes_during` minus the start, never
+/// negative). Around a training step whose gradient buffers already exist,
+/// this is the step's activations and temporaries.
+///
+///   int64_t activations =
+///       gpipe::peak_increase_bytes_during(torch::kCPU, [&] { step(); });
+template <typename Fn>
+int64_t peak_increase_bytes_during(const torch::Device& device, Fn&& fn) {
+  MemoryMeter meter({device});
+  std::forward<Fn>(fn)();
+  return meter.peak_increase_bytes(device);
+}
+
+/// The former name of `peak_bytes_during` (absolute, not a rise); kept so
+/// that old code compiles.
+template <typename Fn>
+[[deprecated(
+    "gpipe::peak_memory is the absolute peak: call peak_bytes_during, or "
+    "peak_increase_bytes_during for the rise above the start")]] int64_t
+peak_memory(const torch::Device& device, Fn&& fn) {
+  return peak_bytes_during(device, std::forward<Fn>(fn));
 }
 
 } // namespace gpipe

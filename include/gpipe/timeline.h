@@ -28,6 +28,8 @@ namespace gpipe {
 /// What a slice of the timeline was doing.
 enum class Phase { Forward, Backward, Recompute, Copy };
 
+/// The phase's name: "forward", "backward", "recompute" or "copy" (the
+/// category of a Chrome trace slice).
 inline const char* to_string(Phase phase) {
   switch (phase) {
     case Phase::Forward:

@@ -1,12 +1,18 @@
-// The library's version, in one place: CMake reads it from here into
-// project(VERSION ...), so the package config and the code never disagree.
+// The library's version, written once: the three numbers below. CMake reads
+// them into project(VERSION ...), and `kVersion` is spelled from them, so the
+// package config and the code never disagree.
 #pragma once
 
 #define GPIPE_VERSION_MAJOR 0
 #define GPIPE_VERSION_MINOR 1
 #define GPIPE_VERSION_PATCH 0
 
+#define GPIPE_VERSION_STRINGIFY_(x) #x
+#define GPIPE_VERSION_STRINGIFY(x) GPIPE_VERSION_STRINGIFY_(x)
+
 namespace gpipe {
-/// "major.minor.patch" of the headers in use.
-inline constexpr const char* kVersion = "0.1.0";
+/// "major.minor.patch" of the headers in use, e.g. "0.1.0".
+inline constexpr const char* kVersion =
+    GPIPE_VERSION_STRINGIFY(GPIPE_VERSION_MAJOR) "." GPIPE_VERSION_STRINGIFY(
+        GPIPE_VERSION_MINOR) "." GPIPE_VERSION_STRINGIFY(GPIPE_VERSION_PATCH);
 } // namespace gpipe
