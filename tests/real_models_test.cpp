@@ -260,6 +260,53 @@ TEST(RealModels, RecomputeRunsUnderTheAutocastStateOfItsForward) {
     mse(out.to(torch::kFloat), y).backward(); // outside autocast
     gpipe_test::expect_close(
         grads_of(seq->parameters()), expected, 1e-6, gpipe::to_string(mode));
+
+    // step() under autocast: its backward (and every recompute) too.
+    auto seq_step = make();
+    Pipe pipe_step(seq_step, GPipeOptions(3).microbatches(1).checkpoint(mode));
+    autocast(true);
+    pipe_step->step(x, y, [](const torch::Tensor& o, const torch::Tensor& t) {
+      return mse(o.to(torch::kFloat), t);
+    });
+    autocast(false);
+    gpipe_test::expect_close(
+        grads_of(seq_step->parameters()),
+        expected,
+        1e-6,
+        std::string(gpipe::to_string(mode)) + " step");
+  }
+}
+
+TEST(RealModels, RandomOperatorsBesidesDropoutAreReplayedByRecompute) {
+  // Noise from randn_like and a random permutation: a recompute that drew
+  // fresh numbers would change the gradients between modes.
+  const Factory make = [] {
+    torch::manual_seed(17);
+    return torch::nn::Sequential(
+        torch::nn::Linear(8, 8),
+        torch::nn::Functional([](const torch::Tensor& h) {
+          return h + 0.5 * torch::randn_like(h);
+        }),
+        torch::nn::Tanh(),
+        torch::nn::Linear(8, 8),
+        torch::nn::Functional([](const torch::Tensor& h) {
+          return h.index_select(1, torch::randperm(h.size(1)));
+        }),
+        torch::nn::Tanh());
+  };
+  const auto x = torch::randn({12, 8});
+  std::vector<torch::Tensor> never;
+  for (const auto mode : gpipe_test::kCheckpointModes) {
+    auto seq = make();
+    Pipe pipe(seq, GPipeOptions(3).microbatches(4).checkpoint(mode));
+    torch::manual_seed(5);
+    pipe(x).pow(2).sum().backward();
+    const auto grads = grads_of(seq->parameters());
+    if (mode == Checkpoint::Never) {
+      never = grads;
+    } else {
+      gpipe_test::expect_identical(grads, never, gpipe::to_string(mode));
+    }
   }
 }
 
