@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iomanip>
 #include <random>
 #include <thread>
 
@@ -57,6 +58,45 @@ double bottleneck(const std::vector<int64_t>& split, Cost cost) {
     b += split[j];
   }
   return most;
+}
+
+/// The sum of squared partition costs: the tie-break, less is more even.
+template <typename Cost>
+double squares(const std::vector<int64_t>& split, Cost cost) {
+  double sum = 0;
+  int64_t b = 0;
+  for (size_t j = 0; j < split.size(); ++j) {
+    const double c = cost(static_cast<int64_t>(j), b, b + split[j]);
+    sum += c * c;
+    b += split[j];
+  }
+  return sum;
+}
+
+/// The split brute force picks: least bottleneck, then least squares, then
+/// the first in lexicographic order. `allowed` filters the splits.
+template <typename Cost, typename Allowed>
+std::vector<int64_t> brute_force(
+    int64_t layers,
+    int64_t partitions,
+    Cost cost,
+    Allowed allowed) {
+  std::vector<int64_t> chosen;
+  double best = std::numeric_limits<double>::infinity();
+  double best_squares = best;
+  for (const auto& split : all_splits(layers, partitions)) {
+    if (!allowed(split)) {
+      continue;
+    }
+    const double value = bottleneck(split, cost);
+    const double spread = squares(split, cost);
+    if (value < best || (value == best && spread < best_squares)) {
+      best = value;
+      best_squares = spread;
+      chosen = split;
+    }
+  }
+  return chosen;
 }
 
 double sum_of(const std::vector<double>& costs, int64_t b, int64_t e) {
@@ -245,28 +285,27 @@ TEST(Balance, ExactSplitMatchesBruteForceOnRandomCosts) {
     auto cost = [&](int64_t, int64_t b, int64_t e) {
       return sum_of(costs, b, e);
     };
-    double best = std::numeric_limits<double>::infinity();
-    std::vector<int64_t> first_best;
-    for (const auto& split : all_splits(layers, partitions)) {
-      const double value = bottleneck(split, cost);
-      if (value < best) {
-        best = value;
-        first_best = split;
-      }
-    }
+    const auto expected =
+        brute_force(layers, partitions, cost, [](const auto&) { return true; });
     const auto balance = gpipe::balance_cost(costs, partitions);
     const std::string what = "trial " + std::to_string(trial) + " layers " +
         std::to_string(layers) + " partitions " + std::to_string(partitions);
     ASSERT_EQ(static_cast<int64_t>(balance.size()), partitions) << what;
-    EXPECT_NEAR(bottleneck(balance, cost), best, 1e-9) << what;
+    EXPECT_NEAR(bottleneck(balance, cost), bottleneck(expected, cost), 1e-9)
+        << what;
     if (trial % 2 == 0) {
-      // The tie-break: the lexicographically smallest optimal balance.
-      EXPECT_EQ(balance, first_best) << what;
+      // The tie-breaks: the most even, then the lexicographically smallest.
+      EXPECT_EQ(balance, expected) << what;
     }
   }
 }
 
-TEST(Balance, TiesGoToTheLexicographicallySmallestBalance) {
+TEST(Balance, TiesGoToTheMostEvenThenTheLexicographicallySmallestBalance) {
+  // Bottleneck 4 in all of [1, 1, 3], [1, 2, 2], [1, 3, 1]; the middle one
+  // is the most even (4, 2, 2).
+  EXPECT_EQ(
+      gpipe::balance_cost({4, 1, 1, 1, 1}, 3), (std::vector<int64_t>{1, 2, 2}));
+  // Equally even: the lexicographically smallest.
   EXPECT_EQ(
       gpipe::balance_cost({1, 1, 1, 1}, 3), (std::vector<int64_t>{1, 1, 2}));
   EXPECT_EQ(gpipe::balance_cost({0, 0, 0}, 2), (std::vector<int64_t>{1, 2}));
@@ -315,22 +354,15 @@ TEST(Balance, ExactSplitUnderAMemoryBudgetMatchesBruteForce) {
     const int64_t budget =
         smallest_budget + std::uniform_int_distribution<int64_t>(0, 3000)(rng);
     options.budget(budget);
-    double best = std::numeric_limits<double>::infinity();
-    std::vector<int64_t> first_best;
-    for (const auto& split : splits) {
-      const auto b =
-          gpipe::partition_memory(memory, split, checkpoint, m, options);
-      if (*std::max_element(b.begin(), b.end()) > budget) {
-        continue;
-      }
-      const double value = bottleneck(
-          split,
-          [&](int64_t, int64_t s, int64_t e) { return sum_of(times, s, e); });
-      if (value < best) {
-        best = value;
-        first_best = split;
-      }
-    }
+    const auto first_best = brute_force(
+        layers,
+        partitions,
+        [&](int64_t, int64_t s, int64_t e) { return sum_of(times, s, e); },
+        [&](const std::vector<int64_t>& split) {
+          const auto b =
+              gpipe::partition_memory(memory, split, checkpoint, m, options);
+          return *std::max_element(b.begin(), b.end()) <= budget;
+        });
     const std::string what = "trial " + std::to_string(trial);
     EXPECT_EQ(
         gpipe::balance_cost(times, partitions, memory, checkpoint, m, options),
@@ -468,8 +500,8 @@ TEST(Balance, ProfileMemoryMeasuresKnownParameterAndActivationSizes) {
 TEST(Balance, KnownParameterSizesGiveTheExpectedBalanceByMemory) {
   // A wide first layer (16 kB of parameters) and seven small ones (1 kB
   // each): whatever the others do, the bottleneck is the first layer alone,
-  // so every optimal split starts [1, ...] and the tie-break makes the rest
-  // as short as possible.
+  // so every optimal split starts [1, ...] and the tie-break spreads the
+  // rest evenly: [2, 2, 3] (equally even as [3, 2, 2], but smaller).
   torch::manual_seed(0);
   torch::nn::Sequential model(torch::nn::Linear(256, 16));
   for (int l = 0; l < 7; ++l) {
@@ -481,7 +513,7 @@ TEST(Balance, KnownParameterSizesGiveTheExpectedBalanceByMemory) {
       (std::vector<int64_t>{1, 7}));
   EXPECT_EQ(
       gpipe::balance_by_memory(model, sample, 4, Checkpoint::Always, 4),
-      (std::vector<int64_t>{1, 1, 1, 5}));
+      (std::vector<int64_t>{1, 2, 2, 3}));
 }
 
 TEST(Balance, BalanceByMemoryIsTheBestSplitOfTheMeasuredModel) {
@@ -501,23 +533,21 @@ TEST(Balance, BalanceByMemoryIsTheBestSplitOfTheMeasuredModel) {
        {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
     for (const int64_t partitions : {2, 3}) {
       const auto options = MemoryOptions().optimizer_factor(2);
-      double best = std::numeric_limits<double>::infinity();
-      std::vector<int64_t> first_best;
-      for (const auto& split : all_splits(6, partitions)) {
-        const auto b =
-            gpipe::partition_memory(memory, split, checkpoint, 8, options);
-        const auto most =
-            static_cast<double>(*std::max_element(b.begin(), b.end()));
-        if (most < best) {
-          best = most;
-          first_best = split;
-        }
-      }
-      EXPECT_EQ(
-          gpipe::balance_by_memory(
-              seq, sample, partitions, checkpoint, 8, options),
-          first_best)
+      const gpipe::detail::MemoryModel model(
+          memory, partitions, checkpoint, 8, options);
+      const auto expected = brute_force(
+          6,
+          partitions,
+          [&](int64_t j, int64_t b, int64_t e) {
+            return model.partition_bytes(j, b, e);
+          },
+          [](const auto&) { return true; });
+      const auto balance = gpipe::balance_by_memory(
+          seq, sample, partitions, checkpoint, 8, options);
+      EXPECT_EQ(balance, expected)
           << gpipe::to_string(checkpoint) << " " << partitions;
+      std::cout << gpipe::balance_report(
+          memory, balance, checkpoint, 8, options);
     }
   }
 }
@@ -550,9 +580,14 @@ TEST(Balance, SkewedModelStepsAQuarterFasterWithBalanceByTimeAndAsPredicted) {
   GPipe<torch::nn::Sequential> balanced(seq, options.balance(balance));
   const double even_time = median_step_seconds(even, x, 3);
   const double balanced_time = median_step_seconds(balanced, x, 3);
-  std::cout << report << "step: even split " << even_time * 1e3
-            << " ms, balance_by_time " << balanced_time * 1e3
-            << " ms, predicted " << predicted * 1e3 << " ms\n";
+  const double even_predicted = gpipe::predicted_step_time(
+      gpipe::balance_report(times, even->options.balance()).partition_costs, m);
+  std::cout << report << std::fixed << std::setprecision(0)
+            << "step time: even split " << even_time * 1e3 << " ms (predicted "
+            << even_predicted * 1e3 << " ms), balance_by_time "
+            << balanced_time * 1e3 << " ms (predicted ideal " << predicted * 1e3
+            << " ms)\n"
+            << std::defaultfloat;
   EXPECT_LE(balanced_time, 0.75 * even_time);
   EXPECT_LE(balanced_time, 1.15 * predicted);
   EXPECT_GE(balanced_time, 0.85 * predicted);

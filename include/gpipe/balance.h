@@ -158,8 +158,11 @@ inline void check_memory_options(
 /// depend on the partition (1F1B keeps more micro-batches early) and on its
 /// ends (a partition keeps its first layer's input), which is why this is not
 /// a binary search over prefix sums. Ties are broken the same way every time:
-/// among the optimal splits the one that is lexicographically smallest (each
-/// partition, from the first, as short as an optimal split allows). Returns
+/// among the splits with the optimal bottleneck T, the most even one (the
+/// least sum of squared partition costs, a second DP over the splits whose
+/// partitions all stay within T), so a noisy measurement does not leave a
+/// second partition right at the bottleneck; then the lexicographically
+/// smallest (each partition, from the first, as short as it can be). Returns
 /// nothing when no split fits.
 inline std::optional<std::vector<int64_t>> solve_split(
     int64_t layers,
@@ -203,15 +206,43 @@ inline std::optional<std::vector<int64_t>> solve_split(
   if (best[0][0] == kNone) {
     return std::nullopt;
   }
-  // Each partition as short as it can be while the rest can still stay
-  // within the optimal bottleneck: the lexicographically smallest of the
-  // optimal splits (a later partition need not be its own suffix's best).
+  // Among the splits within the bottleneck, the least sum of squares:
+  // spread[j][b] for partitions j..K-1 holding layers b..L-1.
   const double bound = best[0][0];
+  std::vector<std::vector<double>> spread(
+      K + 1, std::vector<double>(L + 1, kNone));
+  spread[K][L] = 0;
+  auto squares = [&](size_t j, size_t b, size_t e) {
+    const double next = spread[j + 1][e];
+    if (next == kNone ||
+        !fits(
+            static_cast<int64_t>(j),
+            static_cast<int64_t>(b),
+            static_cast<int64_t>(e))) {
+      return kNone;
+    }
+    const double own = cost(
+        static_cast<int64_t>(j),
+        static_cast<int64_t>(b),
+        static_cast<int64_t>(e));
+    return own <= bound ? own * own + next : kNone;
+  };
+  for (size_t j = K; j-- > 0;) {
+    for (size_t b = j; b + (K - j) <= L; ++b) {
+      double lowest = kNone;
+      for (size_t e = b + 1; e + (K - j - 1) <= L; ++e) {
+        lowest = std::min(lowest, squares(j, b, e));
+      }
+      spread[j][b] = lowest;
+    }
+  }
+  // Each partition as short as the most even split allows: the first e that
+  // reaches spread[j][b] (the same expression, so equality is exact).
   std::vector<int64_t> balance;
   size_t b = 0;
   for (size_t j = 0; j < K; ++j) {
     for (size_t e = b + 1; e + (K - j - 1) <= L; ++e) {
-      if (candidate(j, b, e) <= bound) {
+      if (squares(j, b, e) == spread[j][b]) {
         balance.push_back(static_cast<int64_t>(e - b));
         b = e;
         break;
@@ -751,8 +782,8 @@ inline std::vector<int64_t> partition_memory(
 
 /// The contiguous split of layers with costs `costs` into `partitions`
 /// non-empty partitions that minimizes the largest partition sum, exactly;
-/// ties go to the lexicographically smallest balance (Note [The exact
-/// split]).
+/// ties go to the most even split, then the lexicographically smallest
+/// balance (Note [The exact split]).
 inline std::vector<int64_t> balance_cost(
     const std::vector<double>& costs,
     int64_t partitions) {
