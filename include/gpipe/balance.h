@@ -941,10 +941,13 @@ inline std::ostream& operator<<(std::ostream& os, const BalanceReport& report) {
     const size_t end = l + static_cast<size_t>(report.balance[j]);
     std::ostringstream layers;
     layers << begin << "-" << end - 1;
+    // Eight layer costs a line, continued under the first.
     std::ostringstream costs;
     for (l = begin; l < end; ++l) {
-      costs << (l > begin ? ", " : "")
-            << detail::format_cost(report.layer_costs[l], report.unit);
+      if (l > begin) {
+        costs << ((l - begin) % 8 == 0 ? ",\n" + std::string(41, ' ') : ", ");
+      }
+      costs << detail::format_cost(report.layer_costs[l], report.unit);
     }
     os << "  " << std::setw(9) << j << "  " << std::left << std::setw(12)
        << layers.str() << "  " << std::setw(12)
