@@ -336,6 +336,7 @@ TEST(Balance, ExactSplitUnderAMemoryBudgetMatchesBruteForce) {
       layer.input_bytes = bytes(rng);
       layer.output_bytes = bytes(rng);
       layer.activation_bytes = bytes(rng);
+      layer.backward_bytes = bytes(rng) / 2;
       memory.push_back(layer);
     }
     auto options =
@@ -428,6 +429,15 @@ TEST(Balance, PartitionMemoryKeepsInputsOutputsAndGraphsAsThePipeDoes) {
       gpipe::partition_memory(
           layers, balance, Checkpoint::ExceptLast, 4, one_f_one_b),
       (std::vector<int64_t>{4020 + 200 + 50 + 720, 4020 + 100 + 360}));
+  // One layer's backward at a time: the partition's largest.
+  auto c = a;
+  c.backward_bytes = 500;
+  auto d = b;
+  d.backward_bytes = 700;
+  EXPECT_EQ(
+      gpipe::partition_memory({c, d, d, c}, {1, 3}, Checkpoint::Never, 1),
+      (std::vector<int64_t>{
+          2010 + 100 + 300 + 500, 3 * 2010 + 200 + 420 + 700}));
 }
 
 TEST(Balance, ProfileTimesMeasuresForwardPlusBackward) {
@@ -484,10 +494,12 @@ TEST(Balance, ProfileMemoryMeasuresKnownParameterAndActivationSizes) {
   EXPECT_EQ(memory[0].gradient_bytes, (16 * 256 + 256) * f);
   EXPECT_EQ(memory[0].input_bytes, batch * 16 * f);
   EXPECT_EQ(memory[0].output_bytes, batch * 256 * f);
-  // Linear keeps its output and saves its input and weight (not new).
+  // Linear adds its output; it saves its input and weight (not new).
   EXPECT_EQ(memory[0].activation_bytes, batch * 256 * f);
+  EXPECT_EQ(memory[2].activation_bytes, batch * 8 * f);
+  // ReLU saves its output, not its input: the Linear's output is freed.
   EXPECT_EQ(memory[1].parameter_bytes, 0);
-  EXPECT_EQ(memory[1].activation_bytes, batch * 256 * f); // ReLU's output
+  EXPECT_EQ(memory[1].activation_bytes, 0);
   EXPECT_EQ(memory[2].parameter_bytes, (256 * 8 + 8) * f);
   EXPECT_EQ(memory[2].gradient_bytes, 256 * 8 * f); // frozen bias
   // BatchNorm: weight and bias; running mean and var (floats) and
@@ -549,6 +561,54 @@ TEST(Balance, BalanceByMemoryIsTheBestSplitOfTheMeasuredModel) {
       std::cout << gpipe::balance_report(
           memory, balance, checkpoint, 8, options);
     }
+  }
+}
+
+TEST(Balance, MemoryModelPredictsWhatAStepOfThePipeKeeps) {
+  // One partition on the CPU, so the counting allocator sees the whole
+  // pipe: the peak rise of a step (gradients allocated in it) against the
+  // model's bytes less what existed before (parameters, the batch).
+  gpipe::track_cpu_memory();
+  torch::manual_seed(0);
+  torch::nn::Sequential seq;
+  for (int l = 0; l < 3; ++l) {
+    seq->push_back(torch::nn::Linear(64, 256));
+    seq->push_back(torch::nn::Tanh());
+    seq->push_back(torch::nn::Linear(256, 64));
+  }
+  const int64_t m = 4;
+  const auto x = torch::randn({256, 64});
+  const auto memory = gpipe::profile_memory(seq, x.slice(0, 0, 256 / m));
+  for (const auto checkpoint :
+       {Checkpoint::Never, Checkpoint::ExceptLast, Checkpoint::Always}) {
+    GPipe<torch::nn::Sequential> pipe(
+        seq,
+        GPipeOptions(1)
+            .microbatches(m)
+            .checkpoint(checkpoint)
+            .devices({torch::kCPU}));
+    auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& y) {
+      return torch::mse_loss(out, y);
+    };
+    pipe->step(x, x, loss_fn); // warm-up
+    for (auto& p : seq->parameters()) {
+      p.mutable_grad().reset();
+    }
+    gpipe::MemoryMeter meter({torch::kCPU});
+    pipe->step(x, x, loss_fn);
+    const auto measured =
+        static_cast<double>(meter.peak_increase_bytes(torch::kCPU));
+    int64_t existing = m * memory[0].input_bytes; // the batch
+    for (const auto& layer : memory) {
+      existing += layer.parameter_bytes + layer.buffer_bytes;
+    }
+    const auto predicted = static_cast<double>(
+        gpipe::partition_memory(memory, {9}, checkpoint, m)[0] - existing);
+    std::cout << gpipe::to_string(checkpoint) << ": step keeps "
+              << measured / 1e3 << " kB, the model predicts " << predicted / 1e3
+              << " kB\n";
+    EXPECT_GE(measured, 0.8 * predicted) << gpipe::to_string(checkpoint);
+    EXPECT_LE(measured, 1.2 * predicted) << gpipe::to_string(checkpoint);
   }
 }
 

@@ -78,9 +78,13 @@ struct LayerMemory {
   /// The layer's output tensor (what a checkpointed partition ending here
   /// keeps per micro-batch).
   int64_t output_bytes = 0;
-  /// What forward with autograd leaves allocated: the output and every
-  /// tensor saved for backward, measured with the memory meter.
+  /// What the layer adds to what a forward with autograd holds: its output
+  /// and the tensors it saves for backward, less its input when nothing
+  /// keeps that (so it can be negative); Note [What a layer keeps].
   int64_t activation_bytes = 0;
+  /// The peak rise over the layer's backward on its own: the gradient that
+  /// arrives, the gradients it computes and its workspace.
+  int64_t backward_bytes = 0;
 };
 
 /// How the pipe will hold memory, beyond the checkpoint mode and micro-batch
@@ -272,12 +276,16 @@ inline std::vector<double> prefix_sums(const std::vector<double>& costs) {
 ///     fill-drain, min(m, K - j) on 1F1B), kept until that micro-batch's
 ///     backward on this partition;
 ///   * without checkpointing, every in-flight micro-batch's whole graph (the
-///     activation bytes of its layers, output included);
+///     activation bytes of its layers: saved tensors and output, Note [What
+///     a layer keeps]);
 ///   * with checkpointing, each checkpointed micro-batch's output, and one
 ///     graph at a time while it is recomputed. ExceptLast keeps the last
 ///     micro-batch's graph from forward: on fill-drain its backward runs
 ///     first, so still one graph at a time; on 1F1B it can be alive while
-///     another micro-batch recomputes, so two.
+///     another micro-batch recomputes, so two;
+///   * the backward of one layer at a time: the largest backward_bytes of
+///     its layers (without it the model predicted 0.8x what a checkpointed
+///     step measured).
 /// Partitions are assumed to have a device each (partitions sharing a device
 /// add up). Allocator rounding, workspaces and the loss are not counted.
 class MemoryModel {
@@ -305,6 +313,31 @@ class MemoryModel {
     }
     fixed_ = prefix_sums(fixed);
     graph_ = prefix_sums(graph);
+    // A sparse table for the largest backward_bytes of a run of layers:
+    // most_[p][l] covers layers [l, l + 2^p).
+    most_.emplace_back();
+    for (const auto& layer : layers_) {
+      most_[0].push_back(static_cast<double>(layer.backward_bytes));
+    }
+    for (size_t p = 1; (size_t{1} << p) <= layers_.size(); ++p) {
+      const size_t half = size_t{1} << (p - 1);
+      std::vector<double> row;
+      for (size_t l = 0; l + 2 * half <= layers_.size(); ++l) {
+        row.push_back(std::max(most_[p - 1][l], most_[p - 1][l + half]));
+      }
+      most_.push_back(std::move(row));
+    }
+  }
+
+  /// The largest backward_bytes of layers [b, e).
+  double largest_backward(int64_t b, int64_t e) const {
+    size_t p = 0;
+    while ((size_t{2} << p) <= static_cast<size_t>(e - b)) {
+      ++p;
+    }
+    return std::max(
+        most_[p][static_cast<size_t>(b)],
+        most_[p][static_cast<size_t>(e) - (size_t{1} << p)]);
   }
 
   /// Micro-batches in flight on partition j.
@@ -348,7 +381,8 @@ class MemoryModel {
         static_cast<double>(kept_outputs) *
         static_cast<double>(last.output_bytes) +
         static_cast<double>(graphs) *
-        (graph_[static_cast<size_t>(e)] - graph_[static_cast<size_t>(b)]);
+        (graph_[static_cast<size_t>(e)] - graph_[static_cast<size_t>(b)]) +
+        largest_backward(b, e);
   }
 
   int64_t layers() const {
@@ -413,6 +447,7 @@ class MemoryModel {
   MemoryOptions options_;
   std::vector<double> fixed_; // prefix sums
   std::vector<double> graph_; // prefix sums
+  std::vector<std::vector<double>> most_; // sparse table of backward_bytes
 };
 
 /// Checks the Sequential and the sample, and that every layer's parameters
@@ -697,14 +732,29 @@ inline std::vector<double> profile_times(
   return medians;
 }
 
+/// Note [What a layer keeps]
+/// A graph keeps what its nodes save, not every output: Linear saves its
+/// input, Tanh its output, so of Linear -> Tanh only the Tanh's output
+/// stays (and the Linear's input). Measuring each layer alone, holding its
+/// output, would count the Linear's output too (the first version did, and
+/// predicted 1.7x what a step kept without checkpointing). So the whole
+/// Sequential runs forward once on the sample with autograd, keeping only
+/// the latest output and the graph, and a layer's activation bytes are the
+/// rise of the device's allocated bytes over its forward: its output and
+/// what it saves, less its input where nothing keeps that. Summed over a
+/// partition [b, e) this is the partition's graph and output less its input,
+/// which Note [What a partition keeps] counts apart. The whole graph of one
+/// micro-batch must fit on the device.
+///
 /// Each layer's memory on `sample` (one micro-batch, on the device where the
 /// Sequential is): parameter, gradient and buffer bytes by counting, input
-/// and output bytes by size, and the bytes forward with autograd leaves
-/// allocated (output and saved tensors) with the memory meter: the counting
-/// CPU allocator (installed on first use, see <gpipe/memory.h>) or the
-/// caching allocator's statistics on CUDA. Runs in the layers' current mode.
-/// Leaves the model as it found it (Note [Profiling leaves the model as it
-/// found it]). Other threads allocating on the device meanwhile distort it.
+/// and output bytes by size, activation bytes with the memory meter (the
+/// counting CPU allocator, installed on first use, see <gpipe/memory.h>, or
+/// the caching allocator's statistics on CUDA). Runs in the layers' current
+/// mode. Then each layer's backward on its own, for its peak. Leaves the
+/// model as it found it (Note [Profiling leaves the model as it found it]).
+/// Resets the device's peak statistics (as a MemoryMeter does); other
+/// threads allocating on the device meanwhile distort the measurement.
 inline std::vector<LayerMemory> profile_memory(
     const torch::nn::Sequential& seq,
     const torch::Tensor& sample) {
@@ -733,20 +783,48 @@ inline std::vector<LayerMemory> profile_memory(
       }
     }
   }
+  // One forward of the whole Sequential with autograd, as a partition runs
+  // it: after each layer only its output and the graph so far are
+  // referenced, so what the graph does not save is freed (Note [What a
+  // layer keeps]).
   torch::AutoGradMode enable_grad(true);
-  torch::Tensor x = sample;
+  torch::Tensor x = detail::profile_input(sample);
+  detail::synchronize(device);
+  int64_t held = memory_stats(device).current_bytes;
   for (size_t l = 0; l < layers.size(); ++l) {
-    const auto input = detail::profile_input(x);
-    detail::synchronize(device);
-    const int64_t before = memory_stats(device).current_bytes;
     auto layer = layers[l]; // forward() is non-const
-    torch::Tensor output = layer->forward(input);
+    memory[l].input_bytes = static_cast<int64_t>(x.nbytes());
+    x = layer->forward(x);
     detail::synchronize(device);
-    const int64_t after = memory_stats(device).current_bytes;
-    memory[l].input_bytes = static_cast<int64_t>(input.nbytes());
-    memory[l].output_bytes = static_cast<int64_t>(output.nbytes());
-    memory[l].activation_bytes = std::max<int64_t>(0, after - before);
-    x = output.detach(); // the graph goes with `output`
+    const int64_t now = memory_stats(device).current_bytes;
+    memory[l].output_bytes = static_cast<int64_t>(x.nbytes());
+    memory[l].activation_bytes = now - held;
+    held = now;
+  }
+  x = torch::Tensor(); // frees the graph
+  // Each layer's backward on its own, on its input from the same forward.
+  torch::Tensor input = sample;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    auto layer = layers[l];
+    const auto leaf = detail::profile_input(input);
+    torch::Tensor output = layer->forward(leaf);
+    const auto targets = detail::backward_targets(layer, leaf);
+    if (output.requires_grad() && !targets.empty()) {
+      detail::synchronize(device);
+      const int64_t before = memory_stats(device).current_bytes;
+      reset_peak_memory(device);
+      auto grad_output = torch::ones_like(output);
+      (void)torch::autograd::grad(
+          {output},
+          targets,
+          {grad_output},
+          /*retain_graph=*/false,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+      detail::synchronize(device);
+      memory[l].backward_bytes = memory_stats(device).peak_bytes - before;
+    }
+    input = output.detach();
   }
   return memory;
 }
