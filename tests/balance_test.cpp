@@ -604,9 +604,11 @@ TEST(Balance, MemoryModelPredictsWhatAStepOfThePipeKeeps) {
     }
     const auto predicted = static_cast<double>(
         gpipe::partition_memory(memory, {9}, checkpoint, m)[0] - existing);
-    std::cout << gpipe::to_string(checkpoint) << ": step keeps "
+    std::cout << std::fixed << std::setprecision(1)
+              << gpipe::to_string(checkpoint) << ": a step keeps "
               << measured / 1e3 << " kB, the model predicts " << predicted / 1e3
-              << " kB\n";
+              << " kB\n"
+              << std::defaultfloat;
     EXPECT_GE(measured, 0.8 * predicted) << gpipe::to_string(checkpoint);
     EXPECT_LE(measured, 1.2 * predicted) << gpipe::to_string(checkpoint);
   }
