@@ -287,7 +287,8 @@ inline std::vector<double> prefix_sums(const std::vector<double>& costs) {
 ///     its layers (without it the model predicted 0.8x what a checkpointed
 ///     step measured).
 /// Partitions are assumed to have a device each (partitions sharing a device
-/// add up). Allocator rounding, workspaces and the loss are not counted.
+/// add up). Allocator rounding, forward workspaces and the loss are not
+/// counted.
 class MemoryModel {
  public:
   MemoryModel(
@@ -295,12 +296,12 @@ class MemoryModel {
       int64_t partitions,
       Checkpoint checkpoint,
       int64_t microbatches,
-      MemoryOptions options)
+      const MemoryOptions& options)
       : layers_(std::move(layers)),
         partitions_(partitions),
         checkpoint_(checkpoint),
         microbatches_(microbatches),
-        options_(std::move(options)) {
+        options_(options) {
     check_memory_options(microbatches_, options_);
     std::vector<double> fixed;
     std::vector<double> graph;
