@@ -11,8 +11,11 @@
 //      re-materialization, against plain training of the whole batch and of
 //      the same micro-batches;
 //   5. gradient equivalence: GPipe trains exactly like the plain model;
-//   6. a summary of every configuration, as a table and as JSON.
+//   6. balancing: a model with uneven layers (a wide first layer) split by
+//      measured time and by memory instead of by layer count;
+//   7. a summary of every configuration, as a table and as JSON.
 // Run `giant_mlp --help` for the flags.
+#include <gpipe/balance.h>
 #include <gpipe/gpipe.h>
 
 #include <torch/torch.h>
@@ -30,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -63,8 +67,9 @@ const char* const kUsage = R"(usage: giant_mlp [flags]
 
 Walks through the GPipe paper on a giant MLP (a stack of Linear layers):
 micro-batching, efficiency math, schedule pictures (theory and a measured
-step), memory with and without re-materialization, gradient equivalence, and
-a summary. Pictures, the Chrome trace and the summary JSON go to --output.
+step), memory with and without re-materialization, gradient equivalence,
+balancing a model with uneven layers by time and by memory, and a summary.
+Pictures, the Chrome trace and the summary JSON go to --output.
 
 flags (--name value or --name=value):
   --layers N         Linear layers in the model (default 60)
@@ -814,8 +819,136 @@ void step_gradients(Tour& tour) {
   }
 }
 
+/// The model with uneven layers: a wide first layer (8x the width out) and
+/// its way back, then Linear(width, width) up to `layers` in all.
+torch::nn::Sequential make_uneven_model(
+    int64_t layers,
+    int64_t width,
+    uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::nn::Sequential model;
+  model->push_back(torch::nn::Linear(width, 8 * width));
+  model->push_back(torch::nn::Linear(8 * width, width));
+  for (int64_t l = 2; l < layers; ++l) {
+    model->push_back(torch::nn::Linear(width, width));
+  }
+  return model;
+}
+
+std::string two_places(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f", value);
+  return text;
+}
+
+/// Decimal megabytes, as the balance reports print them.
+std::string megabytes(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f MB", bytes / 1e6);
+  return text;
+}
+
+/// "[15, 15, 15, 15]"
+std::string balance_text(const std::vector<int64_t>& balance) {
+  std::string text = "[";
+  for (size_t j = 0; j < balance.size(); ++j) {
+    text += (j ? ", " : "") + std::to_string(balance[j]);
+  }
+  return text + "]";
+}
+
+/// Prints a report indented under the step.
+void print_indented(const gpipe::BalanceReport& report) {
+  std::ostringstream text;
+  text << report;
+  std::istringstream lines(text.str());
+  for (std::string line; std::getline(lines, line);) {
+    std::cout << "    " << line << "\n";
+  }
+}
+
+void step_balance(const Tour& tour) {
+  const auto& flags = tour.flags;
+  const int64_t layers = std::max<int64_t>(flags.layers, 2);
+  const int64_t k = flags.partitions;
+  const int64_t m = flags.microbatches;
+  const auto device = tour.devices.front();
+  auto model = make_uneven_model(layers, tour.width, flags.seed);
+  model->to(device);
+  // One micro-batch of a --batch step: what every partition sees per cell.
+  const int64_t rows = std::max<int64_t>(1, flags.batch / m);
+  torch::manual_seed(flags.seed + 3);
+  const auto sample = torch::randn({rows, tour.width}, device);
+  std::cout << "\nStep 6. Balancing a model with uneven layers\n"
+            << "  model: Linear(" << tour.width << ", " << 8 * tour.width
+            << "), Linear(" << 8 * tour.width << ", " << tour.width << ")";
+  if (layers > 2) {
+    std::cout << ", " << layers - 2 << " x Linear(" << tour.width << ", "
+              << tour.width << ")";
+  }
+  std::cout << "; each layer profiled on one micro-batch (" << rows
+            << " rows) on " << device << "\n";
+
+  // The split GPipe makes without a balance: by layer count.
+  std::vector<int64_t> even_split(static_cast<size_t>(k), layers / k);
+  for (int64_t j = 0; j < layers % k; ++j) {
+    ++even_split[static_cast<size_t>(j)];
+  }
+
+  // By time: forward + backward of each layer, then the exact split.
+  const auto times = gpipe::profile_times(model, sample);
+  const auto by_time = gpipe::balance_cost(times, k);
+  const auto even_report = gpipe::balance_report(times, even_split);
+  const auto time_report = gpipe::balance_report(times, by_time);
+  const double even_step =
+      gpipe::predicted_step_time(even_report.partition_costs, m);
+  const double balanced_step =
+      gpipe::predicted_step_time(time_report.partition_costs, m);
+  std::cout << "  by time (forward + backward per layer, median of 5 runs):\n"
+            << "    even split      " << balance_text(even_split)
+            << ": slowest partition "
+            << milliseconds(even_report.max_cost() * 1e3)
+            << " ms, imbalance (max/mean) "
+            << two_places(even_report.imbalance()) << ", predicted step "
+            << milliseconds(even_step * 1e3) << " ms\n"
+            << "    balance_by_time " << balance_text(by_time)
+            << ": slowest partition "
+            << milliseconds(time_report.max_cost() * 1e3)
+            << " ms, imbalance (max/mean) "
+            << two_places(time_report.imbalance()) << ", predicted step "
+            << milliseconds(balanced_step * 1e3) << " ms ("
+            << percent(1 - balanced_step / even_step) << " less)\n";
+  print_indented(time_report);
+
+  // By memory: what each partition will keep with --checkpoint, M
+  // micro-batches and Adam (two optimizer states per gradient).
+  const auto checkpoint = checkpoint_of(flags.checkpoint);
+  const auto options = gpipe::MemoryOptions().optimizer_factor(2);
+  const auto memory = gpipe::profile_memory(model, sample);
+  const auto by_memory =
+      gpipe::balance_by_memory(model, sample, k, checkpoint, m, options);
+  const auto even_bytes =
+      gpipe::partition_memory(memory, even_split, checkpoint, m, options);
+  const auto memory_report =
+      gpipe::balance_report(memory, by_memory, checkpoint, m, options);
+  std::cout << "  by memory (checkpoint " << checkpoint << ", M=" << m
+            << ", Adam: optimizer factor 2):\n"
+            << "    even split        " << balance_text(even_split)
+            << ": fullest partition "
+            << megabytes(static_cast<double>(
+                   *std::max_element(even_bytes.begin(), even_bytes.end())))
+            << "\n"
+            << "    balance_by_memory " << balance_text(by_memory)
+            << ": fullest partition " << megabytes(memory_report.max_cost())
+            << "\n";
+  print_indented(memory_report);
+  std::cout
+      << "  (predictions assume a device per partition and no recompute: fill-drain ticks, each as long\n"
+      << "   as its slowest partition; pass the balance on with GPipeOptions(K).balance(...))\n";
+}
+
 void step_summary(const Tour& tour) {
-  std::cout << "\nStep 6. Summary of every configuration run\n"
+  std::cout << "\nStep 7. Summary of every configuration run\n"
             << "  (measured bubble: from the timeline of step 3)\n\n";
   std::string table = gpipe::summarize_results(tour.results);
   size_t at = 0;
@@ -966,6 +1099,7 @@ int main(int argc, char** argv) {
     step_pictures(tour);
     step_memory(tour);
     step_gradients(tour);
+    step_balance(tour);
     step_summary(tour);
   } catch (const c10::Error& e) {
     std::cerr << "giant_mlp: " << e.what_without_backtrace() << "\n";
