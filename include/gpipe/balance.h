@@ -24,8 +24,8 @@
 #pragma once
 
 #include <gpipe/detail/microbatch.h>
+#include <gpipe/detail/observer.h>
 #include <gpipe/detail/partition.h>
-#include <gpipe/detail/rng.h>
 #include <gpipe/memory.h>
 #include <gpipe/options.h>
 #include <gpipe/schedule.h>
@@ -518,7 +518,7 @@ inline void synchronize(const torch::Device& device) {
 class ModelStateGuard {
  public:
   ModelStateGuard(const torch::nn::Sequential& seq, const torch::Device& device)
-      : rng_(RngSnapshot::capture(device)) {
+      : rng_(GeneratorStates::capture(device)), device_(device) {
     for (const auto& parameter : seq->parameters()) {
       save(parameter, /*always=*/false);
       grads_.push_back(
@@ -588,10 +588,11 @@ class ModelStateGuard {
         grad.detach().copy_(saved.copy);
       }
     }
-    rng_.restore();
+    rng_.restore(device_);
   }
 
-  RngSnapshot rng_;
+  GeneratorStates rng_;
+  torch::Device device_;
   std::vector<Saved> tensors_;
   std::vector<SavedGrad> grads_;
 };
