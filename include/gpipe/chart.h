@@ -136,8 +136,7 @@ inline ScheduleLayout theoretical_schedule(
         layout.slices.push_back(
             {static_cast<int64_t>(j),
              action->microbatch,
-             action->kind == Action::Kind::Forward ? Phase::Forward
-                                                   : Phase::Backward,
+             action->kind,
              static_cast<double>(step),
              1.0});
       }

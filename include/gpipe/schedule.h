@@ -81,9 +81,32 @@ inline std::ostream& operator<<(std::ostream& os, Schedule schedule) {
   return os << to_string(schedule);
 }
 
+/// What a partition does to a micro-batch: the two things a schedule orders
+/// (forward, backward), and the two more a timeline records (a recompute
+/// inside a backward, a copy between devices).
+enum class Phase { Forward, Backward, Recompute, Copy };
+
+/// The phase's name: "forward", "backward", "recompute" or "copy" (also the
+/// category of a Chrome trace slice).
+inline const char* to_string(Phase phase) {
+  switch (phase) {
+    case Phase::Forward:
+      return "forward";
+    case Phase::Backward:
+      return "backward";
+    case Phase::Recompute:
+      return "recompute";
+    case Phase::Copy:
+      return "copy";
+  }
+  return "unknown";
+}
+
 /// One thing a partition does: the forward or the backward of micro-batch i.
 struct Action {
-  enum class Kind { Forward, Backward };
+  /// Phase::Forward or Phase::Backward (one name for one thing: the kind of
+  /// a scheduled action is the phase a timeline records for it).
+  using Kind = Phase;
   Kind kind = Kind::Forward;
   int64_t microbatch = 0;
 

@@ -10,6 +10,8 @@
 // events are turned into times (and waited for) only when `events()` is read.
 #pragma once
 
+#include <gpipe/schedule.h>
+
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/types.h>
@@ -24,25 +26,6 @@
 #include <vector>
 
 namespace gpipe {
-
-/// What a slice of the timeline was doing.
-enum class Phase { Forward, Backward, Recompute, Copy };
-
-/// The phase's name: "forward", "backward", "recompute" or "copy" (the
-/// category of a Chrome trace slice).
-inline const char* to_string(Phase phase) {
-  switch (phase) {
-    case Phase::Forward:
-      return "forward";
-    case Phase::Backward:
-      return "backward";
-    case Phase::Recompute:
-      return "recompute";
-    case Phase::Copy:
-      return "copy";
-  }
-  return "unknown";
-}
 
 /// One slice: partition j did `phase` for micro-batch i on `device`, from
 /// `start_us` to `end_us` microseconds after the timeline's origin.
