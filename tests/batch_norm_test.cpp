@@ -107,10 +107,7 @@ TEST(BatchNorm, DeferredRunningStatisticsEqualPlainTrainingOfTheWholeBatch) {
     mse(plain->forward(x), y).backward();
     const auto* plain_norm = norm_at(plain, 1).get();
     for (const auto mode : gpipe_test::kCheckpointModes) {
-      for (const auto schedule :
-           {std::optional<Schedule>(),
-            std::optional<Schedule>(Schedule::FillDrain),
-            std::optional<Schedule>(Schedule::OneFOneB)}) {
+      for (const auto schedule : gpipe_test::kForwardAndEverySchedule) {
         auto seq = make_cnn(momentum);
         Pipe pipe(
             seq,

@@ -75,10 +75,7 @@ void expect_trains_like_plain(
     const torch::Tensor& y) {
   const auto plain = train_plain(make, x, y);
   for (const auto mode : gpipe_test::kCheckpointModes) {
-    for (const auto schedule :
-         {std::optional<Schedule>(),
-          std::optional<Schedule>(Schedule::FillDrain),
-          std::optional<Schedule>(Schedule::OneFOneB)}) {
+    for (const auto schedule : gpipe_test::kForwardAndEverySchedule) {
       auto options = base;
       options.checkpoint(mode);
       const auto pipe = train_pipe(make, options, x, y, schedule);
@@ -217,10 +214,7 @@ TEST(RealModels, AParameterHookRunsOnceWithTheWholeGradient) {
   const auto plain = train_plain(make_hooked(&plain_seen), x, y);
   ASSERT_EQ(plain_seen.size(), 1u);
   for (const auto mode : gpipe_test::kCheckpointModes) {
-    for (const auto schedule :
-         {std::optional<Schedule>(),
-          std::optional<Schedule>(Schedule::FillDrain),
-          std::optional<Schedule>(Schedule::OneFOneB)}) {
+    for (const auto schedule : gpipe_test::kForwardAndEverySchedule) {
       std::vector<torch::Tensor> seen;
       const auto pipe = train_pipe(
           make_hooked(&seen),

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,13 @@ constexpr gpipe::Checkpoint kCheckpointModes[] = {
     gpipe::Checkpoint::Never,
     gpipe::Checkpoint::ExceptLast,
     gpipe::Checkpoint::Always};
+
+/// How a training step can run: forward() then backward() (no schedule), or
+/// step() on each schedule.
+const std::optional<gpipe::Schedule> kForwardAndEverySchedule[] = {
+    std::nullopt,
+    gpipe::Schedule::FillDrain,
+    gpipe::Schedule::OneFOneB};
 
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
 inline torch::nn::Sequential make_mlp(

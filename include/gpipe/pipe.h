@@ -448,6 +448,8 @@ class GPipeImpl : public torch::nn::Module {
         now,
         " now); a pipe splits the layers it was given: build a new GPipe "
         "around the changed Sequential");
+    // Only compares on every call: TORCH_CHECK builds its message (the
+    // joined lists) on failure alone.
     auto fixed = [](const char* name, const auto& then, const auto& now) {
       TORCH_CHECK(
           then == now,
@@ -456,26 +458,30 @@ class GPipeImpl : public torch::nn::Module {
           " is fixed when the pipe is built (",
           name,
           ": ",
-          then,
+          printable(then),
           " then, ",
-          now,
+          printable(now),
           " now); build a new GPipe to change it (microbatches, checkpoint, "
           "schedule, loss_reduction and deferred_batch_norm may change "
           "between calls)");
     };
     fixed("partitions", built_.partitions(), options.partitions());
-    fixed(
-        "balance",
-        c10::Join(", ", built_.balance()),
-        c10::Join(", ", options.balance()));
-    fixed(
-        "devices",
-        c10::Join(", ", built_.devices()),
-        c10::Join(", ", options.devices()));
+    fixed("balance", built_.balance(), options.balance());
+    fixed("devices", built_.devices(), options.devices());
     fixed(
         "concurrent_cpu_partitions",
         built_.concurrent_cpu_partitions(),
         options.concurrent_cpu_partitions());
+  }
+
+  template <typename T>
+  static const T& printable(const T& value) {
+    return value;
+  }
+
+  template <typename T>
+  static std::string printable(const std::vector<T>& values) {
+    return c10::Join(", ", values);
   }
 
   /// What the cells of one call share, and the call's Deferred BatchNorm,
