@@ -1,5 +1,9 @@
 #include "test_support.h"
 
+#include <gpipe/schedule.h>
+
+#include <set>
+
 using gpipe::clock_cycles;
 using gpipe::ClockTick;
 
@@ -71,14 +75,24 @@ TEST(ClockCycles, RejectsZeroMicrobatchesOrPartitions) {
 }
 
 using gpipe::Action;
+using gpipe::Op;
 using gpipe::Schedule;
 
 namespace {
-Action F(int64_t i) {
-  return Action::forward(i);
+Action F(int64_t i, int64_t j = 0) {
+  return Action::forward(i, j);
 }
-Action B(int64_t i) {
-  return Action::backward(i);
+Action B(int64_t i, int64_t j = 0) {
+  return Action::backward(i, j);
+}
+/// The lists with partition j's actions on stage j.
+gpipe::PartitionActions staged(gpipe::PartitionActions actions) {
+  for (size_t j = 0; j < actions.size(); ++j) {
+    for (auto& action : actions[j]) {
+      action.stage = static_cast<int64_t>(j);
+    }
+  }
+  return actions;
 }
 } // namespace
 
@@ -86,7 +100,8 @@ TEST(ScheduleActions, FillDrainRunsEveryForwardThenBackwardsInReverse) {
   const gpipe::PartitionActions expected = {
       {F(0), F(1), F(2), B(2), B(1), B(0)},
       {F(0), F(1), F(2), B(2), B(1), B(0)}};
-  EXPECT_EQ(gpipe::schedule_actions(Schedule::FillDrain, 3, 2), expected);
+  EXPECT_EQ(
+      gpipe::schedule_actions(Schedule::FillDrain, 3, 2), staged(expected));
 }
 
 TEST(ScheduleActions, OneFOneBWarmsUpThenAlternatesThenDrains) {
@@ -98,7 +113,8 @@ TEST(ScheduleActions, OneFOneBWarmsUpThenAlternatesThenDrains) {
       {F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3), F(4), B(4), F(5), B(5)},
   };
   // clang-format on
-  EXPECT_EQ(gpipe::schedule_actions(Schedule::OneFOneB, 6, 4), expected);
+  EXPECT_EQ(
+      gpipe::schedule_actions(Schedule::OneFOneB, 6, 4), staged(expected));
 }
 
 TEST(
@@ -106,7 +122,8 @@ TEST(
     OneFOneBWithFewerMicrobatchesThanPartitionsCutsTheWarmUp) {
   const auto actions = gpipe::schedule_actions(Schedule::OneFOneB, 2, 4);
   EXPECT_EQ(actions[0], (std::vector<Action>{F(0), F(1), B(0), B(1)}));
-  EXPECT_EQ(actions[3], (std::vector<Action>{F(0), B(0), F(1), B(1)}));
+  EXPECT_EQ(
+      actions[3], (std::vector<Action>{F(0, 3), B(0, 3), F(1, 3), B(1, 3)}));
 }
 
 TEST(Lockstep, OneFOneBOnFourPartitionsLaysOutAsTheTextbookGrid) {
@@ -114,21 +131,21 @@ TEST(Lockstep, OneFOneBOnFourPartitionsLaysOutAsTheTextbookGrid) {
       gpipe::lockstep(gpipe::schedule_actions(Schedule::OneFOneB, 4, 4), 4, 4);
   EXPECT_EQ(
       gpipe::format_grid(grid, 4),
-      "step  p0    p1    p2    p3  \n"
-      "   0  F0    .     .     .   \n"
-      "   1  F1    F0    .     .   \n"
-      "   2  F2    F1    F0    .   \n"
-      "   3  F3    F2    F1    F0  \n"
-      "   4  .     .     .     B0  \n"
-      "   5  .     .     B0    F1  \n"
-      "   6  .     B0    F2    B1  \n"
-      "   7  B0    F3    B1    F2  \n"
-      "   8  .     B1    F3    B2  \n"
-      "   9  B1    .     B2    F3  \n"
-      "  10  .     B2    .     B3  \n"
-      "  11  B2    .     B3    .   \n"
-      "  12  .     B3    .     .   \n"
-      "  13  B3    .     .     .   \n");
+      "step  L0    L1    L2    L3  \n"
+      "   0  0F0   .     .     .   \n"
+      "   1  0F1   1F0   .     .   \n"
+      "   2  0F2   1F1   2F0   .   \n"
+      "   3  0F3   1F2   2F1   3F0 \n"
+      "   4  .     .     .     3B0 \n"
+      "   5  .     .     2B0   3F1 \n"
+      "   6  .     1B0   2F2   3B1 \n"
+      "   7  0B0   1F3   2B1   3F2 \n"
+      "   8  .     1B1   2F3   3B2 \n"
+      "   9  0B1   .     2B2   3F3 \n"
+      "  10  .     1B2   .     3B3 \n"
+      "  11  0B2   .     2B3   .   \n"
+      "  12  .     1B3   .     .   \n"
+      "  13  0B3   .     .     .   \n");
 }
 
 TEST(
@@ -155,7 +172,7 @@ TEST(Lockstep, OneFOneBKeepsAtMostNMinusJMicrobatchesInFlight) {
     int64_t in_flight = 0;
     int64_t most = 0;
     for (const auto& action : actions[static_cast<size_t>(j)]) {
-      in_flight += action.kind == Action::Kind::Forward ? 1 : -1;
+      in_flight += action.op == Op::F ? 1 : -1;
       most = std::max(most, in_flight);
     }
     EXPECT_EQ(most, n - j);
@@ -166,7 +183,9 @@ TEST(Lockstep, RejectsABackwardBeforeItsForward) {
   const gpipe::PartitionActions bad = {{B(0), F(0)}};
   EXPECT_EQ(
       gpipe_test::error_of([&] { gpipe::lockstep(bad, 1, 1); }),
-      "gpipe: invalid schedule: partition 0: B0 comes before its forward\nstep  p0  \n");
+      "gpipe: invalid program: lane 0: 0B0 comes before its forward 0F0\n"
+      "step  L0  \n"
+      ">>> step 0: lane 0 reaches 0B0");
 }
 
 TEST(Lockstep, RejectsAMissingOrRepeatedAction) {
@@ -175,19 +194,19 @@ TEST(Lockstep, RejectsAMissingOrRepeatedAction) {
   EXPECT_NE(
       gpipe_test::error_of([&] {
         gpipe::lockstep(missing, 2, 2);
-      }).find("partition 0: B0 is missing"),
+      }).find("invalid program: 0B0 is missing"),
       std::string::npos);
   const gpipe::PartitionActions repeated = {{F(0), F(0), B(0)}};
   EXPECT_NE(
       gpipe_test::error_of([&] {
         gpipe::lockstep(repeated, 1, 1);
-      }).find("partition 0: F0 appears twice"),
+      }).find("lane 0: 0F0 appears twice"),
       std::string::npos);
   const gpipe::PartitionActions out_of_range = {{F(0), F(2), B(0)}};
   EXPECT_NE(
       gpipe_test::error_of([&] {
         gpipe::lockstep(out_of_range, 1, 1);
-      }).find("F2 is out of range"),
+      }).find("0F2 is out of range"),
       std::string::npos);
   EXPECT_NE(
       gpipe_test::error_of([&] {
@@ -203,8 +222,9 @@ TEST(Lockstep, RejectsAnOrderThatDeadlocksAndPrintsTheGridSoFar) {
       {F(0), B(0), F(1), B(1)}, {F(0), F(1), B(0), B(1)}};
   EXPECT_EQ(
       gpipe_test::error_of([&] { gpipe::lockstep(bad, 2, 2); }),
-      "gpipe: invalid schedule: deadlock at step 2 (p0 waits at B0, p1 waits at F1)\n"
-      "step  p0    p1  \n"
-      "   0  F0    .   \n"
-      "   1  .     F0  \n");
+      "gpipe: invalid program: deadlock (lane 0 waits at 0RECV_B0 for 1SEND_B0, lane 1 waits at 1RECV_F1 for 0SEND_F1)\n"
+      "step  L0    L1  \n"
+      "   0  0F0   .   \n"
+      "   1  .     1F0 \n"
+      ">>> step 2: lane 0 waits at 0RECV_B0 for 1SEND_B0, lane 1 waits at 1RECV_F1 for 0SEND_F1");
 }

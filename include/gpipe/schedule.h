@@ -1,5 +1,7 @@
 // Pipeline schedules as pure functions: GPipe's fill-drain clock, and the
-// per-partition action lists that `step` runs (fill-drain and 1F1B).
+// per-partition action lists of each schedule (fill-drain, 1F1B, zero bubble
+// H1). program.h turns them into programs, simulate.h validates them, and
+// schedules.h places them on lanes.
 //
 // Why functions and not loops inside the pipeline: the schedule is the one
 // thing every reader of a pipeline wants to check by eye, so it is kept free
@@ -9,6 +11,9 @@
 // everywhere: m micro-batches, n partitions, i a micro-batch, j a partition,
 // k a clock tick, s a lockstep step.
 #pragma once
+
+#include <gpipe/program.h>
+#include <gpipe/simulate.h>
 
 #include <c10/util/Exception.h>
 
@@ -65,6 +70,16 @@ enum class Schedule {
   /// micro-batches are in flight on partition j, whatever m is. With m < n
   /// the warm-up is cut to m and it degenerates gracefully into fill-drain.
   OneFOneB,
+  /// 1F1B over V chunks per lane (Narayanan et al. 2021): stage s on lane
+  /// s mod L, a smaller bubble for more communication. Needs lanes, so only
+  /// build_program (schedules.h) makes it.
+  Interleaved1F1B,
+  /// Zero bubble H1 (Qi et al. 2023): the backward split into I (gradient of
+  /// the input, on the critical path) and W (gradient of the weights, put in
+  /// the bubbles). 1F1B's peak in flight (n micro-batches, partition 0's) on
+  /// every partition, with at most n - j waiting for their I on partition j;
+  /// about a third of 1F1B's bubble.
+  ZeroBubbleH1,
 };
 
 inline const char* to_string(Schedule schedule) {
@@ -73,6 +88,10 @@ inline const char* to_string(Schedule schedule) {
       return "fill_drain";
     case Schedule::OneFOneB:
       return "1f1b";
+    case Schedule::Interleaved1F1B:
+      return "interleaved_1f1b";
+    case Schedule::ZeroBubbleH1:
+      return "zero_bubble_h1";
   }
   return "unknown";
 }
@@ -81,13 +100,21 @@ inline std::ostream& operator<<(std::ostream& os, Schedule schedule) {
   return os << to_string(schedule);
 }
 
-/// What a partition does to a micro-batch: the two things a schedule orders
-/// (forward, backward), and the two more a timeline records (a recompute
-/// inside a backward, a copy between devices).
-enum class Phase { Forward, Backward, Recompute, Copy };
+/// What a partition does to a micro-batch: what a schedule orders (forward,
+/// backward, or the backward's two halves), and the two more a timeline
+/// records (a recompute inside a backward, a copy between devices).
+enum class Phase {
+  Forward,
+  Backward,
+  Recompute,
+  Copy,
+  BackwardInput,
+  BackwardWeight
+};
 
-/// The phase's name: "forward", "backward", "recompute" or "copy" (also the
-/// category of a Chrome trace slice).
+/// The phase's name: "forward", "backward", "recompute", "copy",
+/// "backward_input" or "backward_weight" (also the category of a Chrome
+/// trace slice).
 inline const char* to_string(Phase phase) {
   switch (phase) {
     case Phase::Forward:
@@ -98,52 +125,77 @@ inline const char* to_string(Phase phase) {
       return "recompute";
     case Phase::Copy:
       return "copy";
+    case Phase::BackwardInput:
+      return "backward_input";
+    case Phase::BackwardWeight:
+      return "backward_weight";
   }
   return "unknown";
 }
 
-/// One thing a partition does: the forward or the backward of micro-batch i.
-struct Action {
-  /// Phase::Forward or Phase::Backward (one name for one thing: the kind of
-  /// a scheduled action is the phase a timeline records for it).
-  using Kind = Phase;
-  Kind kind = Kind::Forward;
-  int64_t microbatch = 0;
-
-  static Action forward(int64_t i) {
-    return {Kind::Forward, i};
-  }
-  static Action backward(int64_t i) {
-    return {Kind::Backward, i};
-  }
-  bool operator==(const Action& other) const {
-    return kind == other.kind && microbatch == other.microbatch;
-  }
-  bool operator!=(const Action& other) const {
-    return !(*this == other);
-  }
-};
-
-/// "F3" or "B3".
-inline std::string to_string(const Action& action) {
-  // Appended rather than `"F" + std::to_string(i)`: GCC 12 warns falsely
-  // (-Wrestrict, GCC bug 105329) on that form once inlined.
-  std::string text(1, action.kind == Action::Kind::Forward ? 'F' : 'B');
-  text += std::to_string(action.microbatch);
-  return text;
-}
-
-inline std::ostream& operator<<(std::ostream& os, const Action& action) {
-  return os << to_string(action);
-}
-
-/// actions[j] is partition j's actions in the order it runs them.
+/// actions[j] is partition j's actions in the order it runs them (each with
+/// stage j).
 using PartitionActions = std::vector<std::vector<Action>>;
 
-/// grid[s][j] is what partition j does at lockstep step s (nothing: idle).
-using ScheduleGrid = std::vector<std::vector<std::optional<Action>>>;
+namespace detail {
 
-/// The actions of `schedule` for m micro-batches on n partitions.
+/// Zero bubble H1 by a greedy run in unit steps, one partition per lane: at
+/// each step partition j does, in priority, its next F if what it needs was
+/// done at an earlier step, fewer than n - j micro-batches wait for their I
+/// (1F1B's bound, on the activations an I needs) and fewer than n wait for
+/// their W (1F1B's peak, partition 0's); else its next I if ready; else its
+/// oldest pending W; else nothing. The W's so deferred fill what would be
+/// 1F1B's drain bubble: with F = I = W = 1 it takes 3 m + n - 1 steps for
+/// m >= n (1F1B: 3 m + 3 (n - 1)).
+inline PartitionActions zero_bubble_h1(int64_t m, int64_t n) {
+  constexpr int64_t kNotYet = -1;
+  const auto cells = static_cast<size_t>(m);
+  std::vector<std::vector<int64_t>> f_at(
+      static_cast<size_t>(n), std::vector<int64_t>(cells, kNotYet));
+  auto i_at = f_at;
+  std::vector<int64_t> next_f(static_cast<size_t>(n), 0);
+  std::vector<int64_t> next_i(static_cast<size_t>(n), 0);
+  std::vector<int64_t> next_w(static_cast<size_t>(n), 0);
+  PartitionActions actions(static_cast<size_t>(n));
+  int64_t remaining = 3 * m * n;
+  for (int64_t t = 0; remaining > 0; ++t) {
+    auto before = [&](const std::vector<std::vector<int64_t>>& at,
+                      int64_t j,
+                      int64_t i) {
+      const int64_t when = at[static_cast<size_t>(j)][static_cast<size_t>(i)];
+      return when != kNotYet && when < t;
+    };
+    for (int64_t j = 0; j < n; ++j) {
+      const auto k = static_cast<size_t>(j);
+      auto& mine = actions[k];
+      const int64_t fi = next_f[k];
+      const int64_t ii = next_i[k];
+      if (fi < m && (j == 0 || before(f_at, j - 1, fi)) && fi - ii < n - j &&
+          fi - next_w[k] < n) {
+        mine.push_back({j, Op::F, fi});
+        f_at[k][static_cast<size_t>(fi)] = t;
+        ++next_f[k];
+      } else if (
+          ii < m && before(f_at, j, ii) &&
+          (j == n - 1 || before(i_at, j + 1, ii))) {
+        mine.push_back({j, Op::I, ii});
+        i_at[k][static_cast<size_t>(ii)] = t;
+        ++next_i[k];
+      } else if (next_w[k] < next_i[k]) {
+        mine.push_back({j, Op::W, next_w[k]++});
+      } else {
+        continue;
+      }
+      --remaining;
+    }
+  }
+  return actions;
+}
+
+} // namespace detail
+
+/// The actions of `schedule` for m micro-batches on n partitions, one
+/// partition per lane (Interleaved1F1B needs lanes: build_program).
 inline PartitionActions schedule_actions(
     Schedule schedule,
     int64_t m,
@@ -155,15 +207,25 @@ inline PartitionActions schedule_actions(
       ", n: ",
       n,
       ")");
+  TORCH_CHECK(
+      schedule != Schedule::Interleaved1F1B,
+      "gpipe: interleaved_1f1b puts several stages on each lane; use build_program with lane_of_stage (m: ",
+      m,
+      ", n: ",
+      n,
+      ")");
+  if (schedule == Schedule::ZeroBubbleH1) {
+    return detail::zero_bubble_h1(m, n);
+  }
   PartitionActions actions(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
     auto& mine = actions[static_cast<size_t>(j)];
     if (schedule == Schedule::FillDrain) {
       for (int64_t i = 0; i < m; ++i) {
-        mine.push_back(Action::forward(i));
+        mine.push_back(Action::forward(i, j));
       }
       for (int64_t i = m - 1; i >= 0; --i) {
-        mine.push_back(Action::backward(i));
+        mine.push_back(Action::backward(i, j));
       }
       continue;
     }
@@ -171,170 +233,46 @@ inline PartitionActions schedule_actions(
     int64_t next_forward = 0;
     int64_t next_backward = 0;
     for (; next_forward < warmup; ++next_forward) {
-      mine.push_back(Action::forward(next_forward));
+      mine.push_back(Action::forward(next_forward, j));
     }
     while (next_forward < m) {
-      mine.push_back(Action::forward(next_forward++));
-      mine.push_back(Action::backward(next_backward++));
+      mine.push_back(Action::forward(next_forward++, j));
+      mine.push_back(Action::backward(next_backward++, j));
     }
     while (next_backward < m) {
-      mine.push_back(Action::backward(next_backward++));
+      mine.push_back(Action::backward(next_backward++, j));
     }
   }
   return actions;
 }
 
-/// The grid as text: one line per step, one column per partition.
-inline std::string format_grid(const ScheduleGrid& grid, int64_t n) {
-  std::ostringstream out;
-  out << "step";
-  for (int64_t j = 0; j < n; ++j) {
-    out << "  p" << j << (j < 10 ? "  " : " ");
-  }
-  out << "\n";
-  for (size_t s = 0; s < grid.size(); ++s) {
-    out << (s < 10 ? "   " : s < 100 ? "  " : " ") << s;
-    for (const auto& cell : grid[s]) {
-      const std::string text = cell ? to_string(*cell) : ".";
-      out << "  " << text
-          << std::string(text.size() < 4 ? 4 - text.size() : 0, ' ');
-    }
-    out << "\n";
-  }
-  return out.str();
-}
-
-namespace detail {
-
-[[noreturn]] inline void reject_schedule(
-    const std::string& fault,
-    const ScheduleGrid& grid,
-    int64_t n) {
-  C10_THROW_ERROR(
-      Error, "gpipe: invalid schedule: " + fault + "\n" + format_grid(grid, n));
-}
-
-} // namespace detail
-
-/// Runs `actions` in lockstep: at each step every partition does its next
-/// action if what it needs was done at an earlier step (a forward needs the
-/// previous partition's forward of that micro-batch; a backward needs its own
-/// forward and the next partition's backward of that micro-batch). Returns
-/// the grid, or throws a c10::Error naming the fault and printing the grid
-/// when the actions are not a valid schedule: a partition count other than n,
-/// a micro-batch out of range, an action missing or repeated, a backward
-/// before its forward, or an order that can never finish (deadlock).
+/// Runs `actions` in lockstep, each partition on its own lane (partition j
+/// is stage j; an action's own stage field is ignored): at each step every
+/// partition does its next action if what it needs was done at an earlier
+/// step. Returns the grid, or throws simulate's c10::Error ("gpipe: invalid
+/// program: ...", the grid so far) when the actions are not a valid
+/// schedule, or "gpipe: invalid schedule: ..." when their shape is wrong.
 inline ScheduleGrid lockstep(
     const PartitionActions& actions,
     int64_t m,
     int64_t n) {
-  ScheduleGrid grid;
-  if (static_cast<int64_t>(actions.size()) != n) {
-    detail::reject_schedule(
-        "actions for " + std::to_string(actions.size()) +
-            " partitions, expected " + std::to_string(n),
-        grid,
-        n);
-  }
+  TORCH_CHECK(
+      static_cast<int64_t>(actions.size()) == n,
+      "gpipe: invalid schedule: actions for ",
+      actions.size(),
+      " partitions, expected ",
+      n);
+  Program program;
+  program.stages = n;
+  program.microbatches = m;
   for (int64_t j = 0; j < n; ++j) {
-    std::vector<int> forwards(static_cast<size_t>(m), 0);
-    std::vector<int> backwards(static_cast<size_t>(m), 0);
-    for (const auto& action : actions[static_cast<size_t>(j)]) {
-      const std::string where =
-          "partition " + std::to_string(j) + ": " + to_string(action);
-      if (action.microbatch < 0 || action.microbatch >= m) {
-        detail::reject_schedule(
-            where + " is out of range (micro-batches: " + std::to_string(m) +
-                ")",
-            grid,
-            n);
-      }
-      const auto i = static_cast<size_t>(action.microbatch);
-      if (action.kind == Action::Kind::Forward) {
-        if (++forwards[i] > 1) {
-          detail::reject_schedule(where + " appears twice", grid, n);
-        }
-      } else {
-        if (forwards[i] == 0) {
-          detail::reject_schedule(where + " comes before its forward", grid, n);
-        }
-        if (++backwards[i] > 1) {
-          detail::reject_schedule(where + " appears twice", grid, n);
-        }
-      }
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      if (forwards[static_cast<size_t>(i)] == 0 ||
-          backwards[static_cast<size_t>(i)] == 0) {
-        detail::reject_schedule(
-            "partition " + std::to_string(j) + ": " +
-                to_string(
-                    forwards[static_cast<size_t>(i)] == 0
-                        ? Action::forward(i)
-                        : Action::backward(i)) +
-                " is missing",
-            grid,
-            n);
-      }
+    program.lane_of_stage.push_back(j);
+    program.lanes.push_back(actions[static_cast<size_t>(j)]);
+    for (auto& action : program.lanes.back()) {
+      action.stage = j;
     }
   }
-  // done_at[kind][j][i]: the step at which partition j did that action.
-  constexpr int64_t kNotYet = -1;
-  std::vector<std::vector<int64_t>> forward_at(
-      static_cast<size_t>(n),
-      std::vector<int64_t>(static_cast<size_t>(m), kNotYet));
-  auto backward_at = forward_at;
-  std::vector<size_t> next(static_cast<size_t>(n), 0);
-  size_t remaining = static_cast<size_t>(2 * m * n);
-  for (int64_t s = 0; remaining > 0; ++s) {
-    auto done_before = [&](const std::vector<std::vector<int64_t>>& at,
-                           int64_t j,
-                           int64_t i) {
-      const int64_t when = at[static_cast<size_t>(j)][static_cast<size_t>(i)];
-      return when != kNotYet && when < s;
-    };
-    std::vector<std::optional<Action>> row(static_cast<size_t>(n));
-    for (int64_t j = 0; j < n; ++j) {
-      const auto& mine = actions[static_cast<size_t>(j)];
-      if (next[static_cast<size_t>(j)] == mine.size()) {
-        continue;
-      }
-      const Action action = mine[next[static_cast<size_t>(j)]];
-      const int64_t i = action.microbatch;
-      const bool ready = action.kind == Action::Kind::Forward
-          ? (j == 0 || done_before(forward_at, j - 1, i))
-          : (done_before(forward_at, j, i) &&
-             (j == n - 1 || done_before(backward_at, j + 1, i)));
-      if (ready) {
-        row[static_cast<size_t>(j)] = action;
-        (action.kind == Action::Kind::Forward
-             ? forward_at
-             : backward_at)[static_cast<size_t>(j)][static_cast<size_t>(i)] = s;
-        ++next[static_cast<size_t>(j)];
-        --remaining;
-      }
-    }
-    if (std::none_of(row.begin(), row.end(), [](const auto& cell) {
-          return cell.has_value();
-        })) {
-      std::string waiting;
-      for (int64_t j = 0; j < n; ++j) {
-        if (next[static_cast<size_t>(j)] <
-            actions[static_cast<size_t>(j)].size()) {
-          waiting += (waiting.empty() ? "" : ", ") + std::string("p") +
-              std::to_string(j) + " waits at " +
-              to_string(actions[static_cast<size_t>(j)]
-                               [next[static_cast<size_t>(j)]]);
-        }
-      }
-      detail::reject_schedule(
-          "deadlock at step " + std::to_string(s) + " (" + waiting + ")",
-          grid,
-          n);
-    }
-    grid.push_back(std::move(row));
-  }
-  return grid;
+  return simulate(lower(program), detail::unit_costs()).grid;
 }
 
 } // namespace gpipe

@@ -1,0 +1,262 @@
+// The programs of each schedule, for any placement of stages on lanes.
+//
+// Why generators and not hand-written programs: a schedule is a rule (1F1B:
+// warm up, alternate, drain), a program is the rule applied to sizes and a
+// placement, and the pipeline runs programs. Each generator here is checked
+// by simulate for every size the tests try, and its small cases are pinned as
+// literal text. Where several stages share a lane (every stage on one CPU
+// thread, or interleaving), the stages' own lists are merged onto the lane by
+// a unit-step run, so a lane never waits on work queued behind it. Letters:
+// m micro-batches, s a stage, i a micro-batch, l a lane, L lanes, V chunks per
+// lane.
+#pragma once
+
+#include <gpipe/program.h>
+#include <gpipe/schedule.h>
+#include <gpipe/simulate.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gpipe {
+
+namespace detail {
+
+/// Checks lane_of_stage (one entry per stage, lanes 0..L-1 each used) and
+/// returns L.
+inline int64_t count_lanes(
+    const char* what,
+    int64_t stages,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage) {
+  TORCH_CHECK(
+      stages >= 1 && m >= 1,
+      "gpipe: ",
+      what,
+      " needs at least one stage and one micro-batch (stages: ",
+      stages,
+      ", m: ",
+      m,
+      ")");
+  TORCH_CHECK(
+      static_cast<int64_t>(lane_of_stage.size()) == stages,
+      "gpipe: ",
+      what,
+      ": lane_of_stage has ",
+      lane_of_stage.size(),
+      " entries for ",
+      stages,
+      " stages");
+  const int64_t lanes =
+      1 + *std::max_element(lane_of_stage.begin(), lane_of_stage.end());
+  std::vector<bool> used(static_cast<size_t>(std::max<int64_t>(lanes, 0)));
+  for (int64_t s = 0; s < stages; ++s) {
+    const int64_t l = lane_of_stage[static_cast<size_t>(s)];
+    TORCH_CHECK(
+        l >= 0,
+        "gpipe: ",
+        what,
+        ": stage ",
+        s,
+        " is on lane ",
+        l,
+        "; lanes are numbered from 0");
+    used[static_cast<size_t>(l)] = true;
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    TORCH_CHECK(
+        used[static_cast<size_t>(l)],
+        "gpipe: ",
+        what,
+        ": lane ",
+        l,
+        " runs no stage (lanes: ",
+        lanes,
+        "); number the lanes 0..L-1 and use each");
+  }
+  return lanes;
+}
+
+/// Places per-stage lists on lanes: a unit-step run with each stage on its
+/// own lane, then each step's actions appended to their lanes in stage
+/// order. Communication is left to lower().
+inline Program merge_onto_lanes(
+    const PartitionActions& per_stage,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  const auto stages = static_cast<int64_t>(per_stage.size());
+  Program apart;
+  apart.stages = stages;
+  apart.microbatches = m;
+  for (int64_t s = 0; s < stages; ++s) {
+    apart.lane_of_stage.push_back(s);
+  }
+  apart.lanes = per_stage;
+  Runner runner(apart, unit_costs(), /*implicit=*/true);
+  const Run run = runner.run(no_limit(apart));
+  TORCH_CHECK(
+      run.finished,
+      "gpipe: internal error: the per-stage lists deadlock (",
+      waits(apart, runner, run),
+      ")");
+  std::vector<TimedAction> all;
+  for (const auto& lane : run.lanes) {
+    all.insert(all.end(), lane.begin(), lane.end());
+  }
+  std::stable_sort(
+      all.begin(), all.end(), [](const TimedAction& a, const TimedAction& b) {
+        return a.start < b.start;
+      });
+  Program program;
+  program.stages = stages;
+  program.microbatches = m;
+  program.lane_of_stage = lane_of_stage;
+  program.lanes.resize(static_cast<size_t>(lanes));
+  for (const auto& timed : all) {
+    program
+        .lanes[static_cast<size_t>(
+            lane_of_stage[static_cast<size_t>(timed.action.stage)])]
+        .push_back(timed.action);
+  }
+  return program;
+}
+
+/// Megatron's interleaved 1F1B on L lanes, V = stages / L chunks per lane,
+/// stage s on lane s mod L. Lane l's forwards go in groups of L
+/// micro-batches, chunk by chunk: for each group, for v in 0..V-1, for i in
+/// the group, F(v L + l, i); its backwards the same with the chunks
+/// reversed. It runs (L - l - 1) 2 + (V - 1) L warm-up forwards (L - l - 1
+/// when V is 1: plain 1F1B), then one forward and one backward, then the
+/// remaining backwards.
+///
+/// Any m: Megatron's order needs whole groups (with a short last group, a
+/// lane's warm-up runs ahead of what the lane before it sends, and the
+/// program deadlocks: L 4, V 3, m 5 for one). So the program is made for m
+/// rounded up to a multiple of L, then the micro-batches from m on are left
+/// out; leaving out whole micro-batches keeps a program valid, since what
+/// is left needs nothing that was left out and keeps each lane's order.
+inline Program interleaved(
+    int64_t stages,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  for (int64_t s = 0; s < stages; ++s) {
+    TORCH_CHECK(
+        lane_of_stage[static_cast<size_t>(s)] == s % lanes,
+        "gpipe: interleaved_1f1b puts stage s on lane s mod L, but stage ",
+        s,
+        " is on lane ",
+        lane_of_stage[static_cast<size_t>(s)],
+        " (lanes: ",
+        lanes,
+        ")");
+  }
+  TORCH_CHECK(
+      stages % lanes == 0,
+      "gpipe: interleaved_1f1b needs the same number of stages on every lane (stages: ",
+      stages,
+      ", lanes: ",
+      lanes,
+      ")");
+  const int64_t chunks = stages / lanes;
+  Program program;
+  program.stages = stages;
+  program.microbatches = m;
+  program.lane_of_stage = lane_of_stage;
+  program.lanes.resize(static_cast<size_t>(lanes));
+  for (int64_t l = 0; l < lanes; ++l) {
+    std::vector<Action> forwards;
+    std::vector<Action> backwards;
+    const int64_t padded = (m + lanes - 1) / lanes * lanes;
+    for (int64_t g = 0; g < padded; g += lanes) {
+      for (int64_t v = 0; v < chunks; ++v) {
+        for (int64_t i = g; i < g + lanes; ++i) {
+          forwards.push_back(Action::forward(i, v * lanes + l));
+          backwards.push_back(
+              Action::backward(i, (chunks - 1 - v) * lanes + l));
+        }
+      }
+    }
+    const auto total = static_cast<int64_t>(forwards.size());
+    const int64_t warmup = std::min(
+        chunks == 1 ? lanes - l - 1
+                    : (lanes - l - 1) * 2 + (chunks - 1) * lanes,
+        total);
+    auto& mine = program.lanes[static_cast<size_t>(l)];
+    int64_t f = 0;
+    int64_t b = 0;
+    for (; f < warmup; ++f) {
+      mine.push_back(forwards[static_cast<size_t>(f)]);
+    }
+    while (f < total) {
+      mine.push_back(forwards[static_cast<size_t>(f++)]);
+      mine.push_back(backwards[static_cast<size_t>(b++)]);
+    }
+    while (b < total) {
+      mine.push_back(backwards[static_cast<size_t>(b++)]);
+    }
+    mine.erase(
+        std::remove_if(
+            mine.begin(),
+            mine.end(),
+            [m](const Action& action) { return action.microbatch >= m; }),
+        mine.end());
+  }
+  return program;
+}
+
+} // namespace detail
+
+/// The forward of every micro-batch on every stage, in clock_cycles order
+/// (tick by tick, stage order within a tick), each on its stage's lane;
+/// lowered.
+inline Program forward_program(
+    int64_t stages,
+    int64_t microbatches,
+    const std::vector<int64_t>& lane_of_stage) {
+  const int64_t lanes = detail::count_lanes(
+      "forward_program", stages, microbatches, lane_of_stage);
+  Program program;
+  program.stages = stages;
+  program.microbatches = microbatches;
+  program.lane_of_stage = lane_of_stage;
+  program.lanes.resize(static_cast<size_t>(lanes));
+  for (const auto& tick : clock_cycles(microbatches, stages)) {
+    for (const auto& cell : tick) {
+      program
+          .lanes[static_cast<size_t>(
+              lane_of_stage[static_cast<size_t>(cell.second)])]
+          .push_back(Action::forward(cell.first, cell.second));
+    }
+  }
+  return lower(program);
+}
+
+/// The program of `schedule` for `microbatches` micro-batches through
+/// `stages` stages, stage s on lane lane_of_stage[s] (lanes 0..L-1, each
+/// used); lowered. Interleaved1F1B needs stage s on lane s mod L.
+inline Program build_program(
+    Schedule schedule,
+    int64_t stages,
+    int64_t microbatches,
+    const std::vector<int64_t>& lane_of_stage) {
+  const int64_t lanes =
+      detail::count_lanes("build_program", stages, microbatches, lane_of_stage);
+  if (schedule == Schedule::Interleaved1F1B) {
+    return lower(
+        detail::interleaved(stages, microbatches, lane_of_stage, lanes));
+  }
+  return lower(detail::merge_onto_lanes(
+      schedule_actions(schedule, microbatches, stages),
+      microbatches,
+      lane_of_stage,
+      lanes));
+}
+
+} // namespace gpipe
