@@ -23,7 +23,9 @@ constexpr gpipe::Checkpoint kCheckpointModes[] = {
 const std::optional<gpipe::Schedule> kForwardAndEverySchedule[] = {
     std::nullopt,
     gpipe::Schedule::FillDrain,
-    gpipe::Schedule::OneFOneB};
+    gpipe::Schedule::OneFOneB,
+    gpipe::Schedule::Interleaved1F1B,
+    gpipe::Schedule::ZeroBubbleH1};
 
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
 inline torch::nn::Sequential make_mlp(

@@ -18,7 +18,10 @@
 // take the micro-batches first.
 #pragma once
 
+#include <gpipe/program.h>
 #include <gpipe/schedule.h>
+#include <gpipe/schedules.h>
+#include <gpipe/simulate.h>
 #include <gpipe/timeline.h>
 #include <gpipe/trace.h>
 
@@ -107,42 +110,92 @@ inline double bubble_fraction(int64_t n, int64_t m) {
   return 1.0 - pipeline_efficiency(n, m);
 }
 
+/// The chart of `program` as `simulate` times it with `costs`: one row per
+/// lane, one box per compute action (F, B, I, W), in the unit "tick".
+inline ScheduleLayout program_schedule(
+    const Program& program,
+    const Costs& costs,
+    const std::string& title) {
+  const Simulation simulation = simulate(program, costs);
+  ScheduleLayout layout;
+  layout.title = title;
+  layout.unit = "tick";
+  for (size_t lane = 0; lane < simulation.lanes.size(); ++lane) {
+    layout.row_labels.push_back(
+        (program.lanes.size() == static_cast<size_t>(program.stages)
+             ? "partition "
+             : "lane ") +
+        std::to_string(lane));
+    for (const auto& timed : simulation.lanes[lane]) {
+      Phase phase = Phase::Forward;
+      switch (timed.action.op) {
+        case Op::F:
+          phase = Phase::Forward;
+          break;
+        case Op::B:
+          phase = Phase::Backward;
+          break;
+        case Op::I:
+          phase = Phase::BackwardInput;
+          break;
+        case Op::W:
+          phase = Phase::BackwardWeight;
+          break;
+        default:
+          continue; // communication takes no time here
+      }
+      layout.slices.push_back(
+          {static_cast<int64_t>(lane),
+           timed.action.microbatch,
+           phase,
+           timed.start,
+           timed.end - timed.start});
+    }
+  }
+  return layout;
+}
+
 /// The chart of `schedule` for n partitions and m micro-batches (partitions
-/// first), one row per partition and one tick per lockstep step, in the unit
-/// "tick". Fill-drain puts forward (i, j) at tick i + j, then backward in
-/// reverse, (i, j) at tick (m + n - 1) + (m - 1 - i) + (n - 1 - j); 1F1B
-/// interleaves them. Both: 2·n·m slices over 2·(m + n - 1) ticks. The title
-/// reads like "GPipe schedule, theory (K=4, M=8)", in the paper's letters.
-/// Throws a c10::Error unless n >= 1 and m >= 1.
+/// first), one partition per row and every action one tick. Fill-drain puts
+/// forward (i, j) at tick i + j, then backward in reverse, (i, j) at tick
+/// (m + n - 1) + (m - 1 - i) + (n - 1 - j); 1F1B interleaves them. Both:
+/// 2·n·m slices over 2·(m + n - 1) ticks; zero-bubble splits each backward
+/// into I and W. The title reads like "GPipe schedule, theory (K=4, M=8)",
+/// in the paper's letters. Throws a c10::Error unless n >= 1 and m >= 1.
 inline ScheduleLayout theoretical_schedule(
     Schedule schedule,
     int64_t n,
     int64_t m) {
   detail::check_pipe_shape(n, m, "a schedule");
-  ScheduleLayout layout;
-  layout.title =
-      std::string(schedule == Schedule::FillDrain ? "GPipe" : "1F1B") +
-      " schedule, theory (K=" + std::to_string(n) + ", M=" + std::to_string(m) +
-      ")";
-  layout.unit = "tick";
+  // Interleaved 1F1B draws two partitions per lane when K is even (a lane
+  // per row); every other schedule one partition per row.
+  const int64_t lane_count =
+      schedule == Schedule::Interleaved1F1B && n % 2 == 0 ? n / 2 : n;
+  std::vector<int64_t> lanes;
   for (int64_t j = 0; j < n; ++j) {
-    layout.row_labels.push_back("partition " + std::to_string(j));
+    lanes.push_back(j % lane_count);
   }
-  // One tick per lockstep step: the schedule's own validator lays it out.
-  const auto grid = lockstep(schedule_actions(schedule, m, n), m, n);
-  for (size_t step = 0; step < grid.size(); ++step) {
-    for (size_t j = 0; j < grid[step].size(); ++j) {
-      if (const auto& action = grid[step][j]) {
-        layout.slices.push_back(
-            {static_cast<int64_t>(j),
-             action->microbatch,
-             action->kind,
-             static_cast<double>(step),
-             1.0});
-      }
-    }
+  const char* name = "GPipe";
+  switch (schedule) {
+    case Schedule::FillDrain:
+      break;
+    case Schedule::OneFOneB:
+      name = "1F1B";
+      break;
+    case Schedule::Interleaved1F1B:
+      name = "Interleaved 1F1B";
+      break;
+    case Schedule::ZeroBubbleH1:
+      name = "ZB-H1";
+      break;
   }
-  return layout;
+  return program_schedule(
+      build_program(schedule, n, m, lanes),
+      Costs{1.0, 1.0, 1.0, 1.0},
+      std::string(name) + " schedule, theory (K=" + std::to_string(n) +
+          (lane_count < n ? " on " + std::to_string(lane_count) + " lanes"
+                          : std::string()) +
+          ", M=" + std::to_string(m) + ")");
 }
 
 /// The chart of GPipe's fill-drain schedule for n partitions and m
@@ -239,6 +292,10 @@ inline const char* phase_color(Phase phase) {
       return "#b279a2";
     case Phase::Copy:
       return "#9d9d9d";
+    case Phase::BackwardInput:
+      return "#e45756";
+    case Phase::BackwardWeight:
+      return "#54a24b";
   }
   return "#000000";
 }
@@ -386,7 +443,7 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
     rows = std::max(rows, panel.row_labels.size());
   }
   const double panel_width = detail::kLabelWidth + detail::kPlotWidth;
-  const double width =
+  double width =
       static_cast<double>(panels.size()) * (panel_width + detail::kPanelGap) +
       10;
   const double legend_y = detail::kTitleHeight +
@@ -397,12 +454,32 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
   constexpr double kLegendItemWidth = 110;
   constexpr double kLegendLine = 22;
   const char* const note = "number in a box: micro-batch";
+  // The four phases of every pipe, and I and W where a panel has them.
+  std::vector<Phase> legend = {
+      Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy};
+  for (const auto phase : {Phase::BackwardInput, Phase::BackwardWeight}) {
+    for (const auto& panel : panels) {
+      if (std::any_of(
+              panel.slices.begin(), panel.slices.end(), [&](const auto& s) {
+                return s.phase == phase;
+              })) {
+        legend.push_back(phase);
+        break;
+      }
+    }
+  }
   const double legend_left = 10 + detail::kLabelWidth;
-  double note_x = legend_left + 4 * kLegendItemWidth + 10;
+  double note_x =
+      legend_left + static_cast<double>(legend.size()) * kLegendItemWidth + 10;
   double note_y = legend_y;
   if (note_x + detail::text_width(note, 12) > width - 10) {
     note_x = legend_left;
     note_y = legend_y + kLegendLine;
+  }
+  const double legend_right =
+      legend_left + static_cast<double>(legend.size()) * kLegendItemWidth;
+  if (legend_right > width - 10) {
+    width = legend_right + 10;
   }
   const double height = note_y + 30;
   std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" +
@@ -418,8 +495,7 @@ inline std::string render_svg(const std::vector<ScheduleLayout>& panels) {
         4);
   }
   double legend_x = legend_left;
-  for (const auto phase :
-       {Phase::Forward, Phase::Backward, Phase::Recompute, Phase::Copy}) {
+  for (const auto phase : legend) {
     svg += "<rect x=\"" + detail::svg_number(legend_x) + "\" y=\"" +
         detail::svg_number(legend_y) + "\" width=\"14\" height=\"14\" fill=\"" +
         detail::phase_color(phase) + "\"/>\n";
@@ -456,132 +532,6 @@ inline std::string plot_pipeline_schedule(
       std::to_string(n) + "_M" + std::to_string(m) + ".svg";
   write_svg({theoretical_schedule(n, m)}, path);
   return path;
-}
-
-/// One measured configuration, a row of `summarize_results` and an object of
-/// `results_json`. Fill in what you measured; NaN numbers print as "-"
-/// (null in JSON).
-struct RunResult {
-  /// "plain", or the pipe's checkpoint mode ("never", "except_last", ...).
-  std::string mode;
-  /// Where it ran ("cpu", "cuda").
-  std::string device;
-  /// Rows per step.
-  int64_t batch = 0;
-  /// n, the partitions (1 for plain training).
-  int64_t partitions = 1;
-  /// m, the micro-batches per step (1 for plain training of the whole batch).
-  int64_t microbatches = 1;
-  /// Median wall time of a training step (forward, loss, backward).
-  double step_ms = std::numeric_limits<double>::quiet_NaN();
-  /// Absolute peak bytes allocated during a step, summed over the devices
-  /// (`MemoryMeter::peak_bytes`).
-  int64_t peak_bytes = 0;
-  /// The rise above the step's start (`MemoryMeter::peak_increase_bytes`),
-  /// summed over the devices: with gradient buffers allocated before the
-  /// step, its activations and temporaries.
-  int64_t activation_bytes = 0;
-  /// The theoretical bubble (n - 1)/(m + n - 1), `bubble_fraction(n, m)`.
-  double bubble = std::numeric_limits<double>::quiet_NaN();
-  /// The bubble of a measured timeline, NaN where none was recorded.
-  double measured_bubble = std::numeric_limits<double>::quiet_NaN();
-};
-
-namespace detail {
-
-inline std::string format_cell(const char* format, double value) {
-  if (!std::isfinite(value)) {
-    return "-";
-  }
-  char text[64];
-  std::snprintf(text, sizeof(text), format, value);
-  return text;
-}
-
-inline double megabytes(int64_t bytes) {
-  return static_cast<double>(bytes) / (1024.0 * 1024.0);
-}
-
-} // namespace detail
-
-/// `results` as an aligned text table with a header line, one row per
-/// configuration: mode, device, batch, K (partitions), M (micro-batches),
-/// step ms, peak MiB, activ. MiB, bubble and measured bubble (percent).
-inline std::string summarize_results(const std::vector<RunResult>& results) {
-  const std::vector<std::string> header = {
-      "mode",
-      "device",
-      "batch",
-      "K",
-      "M",
-      "step ms",
-      "peak MiB",
-      "activ. MiB",
-      "bubble",
-      "measured bubble"};
-  std::vector<std::vector<std::string>> table = {header};
-  for (const auto& r : results) {
-    table.push_back(
-        {r.mode,
-         r.device,
-         std::to_string(r.batch),
-         std::to_string(r.partitions),
-         std::to_string(r.microbatches),
-         detail::format_cell("%.2f", r.step_ms),
-         detail::format_cell("%.1f", detail::megabytes(r.peak_bytes)),
-         detail::format_cell("%.1f", detail::megabytes(r.activation_bytes)),
-         detail::format_cell("%.1f%%", 100 * r.bubble),
-         detail::format_cell("%.1f%%", 100 * r.measured_bubble)});
-  }
-  std::vector<size_t> widths(header.size(), 0);
-  for (const auto& row : table) {
-    for (size_t c = 0; c < row.size(); ++c) {
-      widths[c] = std::max(widths[c], row[c].size());
-    }
-  }
-  std::string text;
-  for (size_t r = 0; r < table.size(); ++r) {
-    for (size_t c = 0; c < table[r].size(); ++c) {
-      const auto& cell = table[r][c];
-      const std::string pad(widths[c] - cell.size(), ' ');
-      // Text columns align left, numbers right.
-      text += (c < 2 ? cell + pad : pad + cell) +
-          (c + 1 < table[r].size() ? "  " : "");
-    }
-    text += "\n";
-    if (r == 0) {
-      size_t total = 0;
-      for (const auto w : widths) {
-        total += w + 2;
-      }
-      text += std::string(total - 2, '-') + "\n";
-    }
-  }
-  return text;
-}
-
-/// `results` as a JSON array of objects, for machines: one object per
-/// configuration with the fields of `RunResult` under their own names
-/// (sizes in bytes, times in ms, bubbles as fractions; NaN as null).
-inline std::string results_json(const std::vector<RunResult>& results) {
-  std::string json = "[";
-  for (size_t k = 0; k < results.size(); ++k) {
-    const auto& r = results[k];
-    json += std::string(k ? "," : "") +
-        "\n  {\"mode\": " + detail::json_string(r.mode) +
-        ", \"device\": " + detail::json_string(r.device) +
-        ", \"batch\": " + std::to_string(r.batch) +
-        ", \"partitions\": " + std::to_string(r.partitions) +
-        ", \"microbatches\": " + std::to_string(r.microbatches) +
-        ", \"step_ms\": " + detail::json_number(r.step_ms, 4) +
-        ", \"peak_bytes\": " + std::to_string(r.peak_bytes) +
-        ", \"activation_bytes\": " + std::to_string(r.activation_bytes) +
-        ", \"bubble\": " + detail::json_number(r.bubble, 6) +
-        ", \"measured_bubble\": " + detail::json_number(r.measured_bubble, 6) +
-        "}";
-  }
-  json += results.empty() ? "]\n" : "\n]\n";
-  return json;
 }
 
 } // namespace gpipe

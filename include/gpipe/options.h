@@ -4,12 +4,14 @@
 // the paper's knobs.
 #pragma once
 
+#include <gpipe/program.h>
 #include <gpipe/schedule.h>
 
 #include <torch/arg.h>
 #include <torch/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <vector>
 
@@ -79,6 +81,17 @@ struct GPipeOptions {
   /// The order of forwards and backwards in `step` (`forward` then
   /// `backward()` is always fill-drain).
   TORCH_ARG(Schedule, schedule) = Schedule::FillDrain;
+  /// A program of your own for `step` (program.h), run instead of
+  /// `schedule()`. It must have the pipe's partition count, the batch's
+  /// micro-batch count and the pipe's lanes; it is validated before it runs.
+  TORCH_ARG(std::optional<Program>, program) = std::nullopt;
+  /// The lane each partition runs on: lanes run at once, each a thread
+  /// running its partitions' actions in program order. Empty: one lane per
+  /// device (per CPU partition with `concurrent_cpu_partitions`). A lane
+  /// holds partitions of one device; a CUDA device has one lane. Several
+  /// partitions per lane is what Schedule::Interleaved1F1B runs on
+  /// (partition j on lane j mod L).
+  TORCH_ARG(std::vector<int64_t>, lanes) = {};
   /// How `step` combines micro-batch losses.
   TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
   /// Give every CPU partition a thread of its own, so CPU partitions run at

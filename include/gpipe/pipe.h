@@ -20,13 +20,17 @@
 #pragma once
 
 #include <gpipe/detail/batch_norm.h>
+#include <gpipe/detail/executor.h>
 #include <gpipe/detail/microbatch.h>
 #include <gpipe/detail/partition.h>
 #include <gpipe/detail/stage.h>
 #include <gpipe/detail/transport.h>
 #include <gpipe/detail/worker.h>
 #include <gpipe/options.h>
+#include <gpipe/program.h>
 #include <gpipe/schedule.h>
+#include <gpipe/schedules.h>
+#include <gpipe/simulate.h>
 #include <gpipe/timeline.h>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -39,7 +43,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <type_traits>
 #include <unordered_map>
@@ -95,41 +101,28 @@ class GPipeImpl : public torch::nn::Module {
     check_unchanged();
     auto activations = detail::scatter(input, options.microbatches());
     const auto m = static_cast<int64_t>(activations.size());
-    const auto n = static_cast<int64_t>(partitions_.size());
-    CallScope scope(*this, m, /*under_step=*/false);
-    const auto& call = scope.call;
+    CallScope scope(*this, m);
     const bool needs_graph = torch::GradMode::is_enabled() &&
-        (input.requires_grad() || !call->parameters.empty());
-    call->lock_random_draws = call->lock_random_draws && needs_graph;
-
-    const detail::CallerContext caller = capture_caller_context();
-    for (const auto& tick : clock_cycles(m, n)) {
-      std::vector<WorkItem> items;
-      items.reserve(tick.size());
-      for (const auto& [i, j] : tick) {
-        items.push_back(
-            {j, [&, i = i, j = j] {
-               auto& activation = activations[static_cast<size_t>(i)];
-               activation = run_cell(
-                   i, j, m, receive(activation, i, j), call, needs_graph);
-             }});
-      }
-      run_round(items, caller);
-    }
+        (input.requires_grad() || !scope.call->parameters.empty());
+    scope.call->lock_random_draws =
+        scope.call->lock_random_draws && needs_graph;
+    ForwardRunner runner(*this, activations, scope.call, needs_graph);
+    auto outputs = execute(forward_program_for(m), runner);
     scope.commit();
-    return detail::gather(activations);
+    return detail::gather(outputs);
   }
 
   /// A loss for `step`: (output of a micro-batch, its target) -> scalar.
   using LossFunction =
       std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
 
-  /// Forward and backward of the whole batch on `options.schedule()`:
-  /// `loss_fn` is applied to each micro-batch's output and target (split
-  /// like `input`, moved to the last partition's device), the micro-batch
-  /// losses are combined by `options.loss_reduction()`, and gradients
-  /// accumulate into `.grad` exactly as `loss_fn(seq(input), target)
-  /// .backward()` would. Returns that loss, detached, on the last device.
+  /// Forward and backward of the whole batch on `options.schedule()` (or
+  /// `options.program()`): `loss_fn` is applied to each micro-batch's output
+  /// and target (split like `input`, moved to the last partition's device),
+  /// the micro-batch losses are combined by `options.loss_reduction()`, and
+  /// gradients accumulate into `.grad` exactly as `loss_fn(seq(input),
+  /// target).backward()` would. Returns that loss, detached, on the last
+  /// device.
   torch::Tensor step(
       const torch::Tensor& input,
       const torch::Tensor& target,
@@ -151,124 +144,78 @@ class GPipeImpl : public torch::nn::Module {
         target.size(0),
         ")");
     const auto m = static_cast<int64_t>(inputs.size());
-    const auto n = static_cast<int64_t>(partitions_.size());
-    auto targets = torch::tensor_split(target, m, /*dim=*/0);
-    CallScope scope(*this, m, /*under_step=*/true);
-    const auto& call = scope.call;
+    const Program& program = step_program_for(m);
+    CallScope scope(*this, m);
     detail::LaneGradients lane_gradients(
-        lane_devices_.size(), call->parameters);
-    call->lane_gradients = &lane_gradients;
-    const bool needs_graph = input.requires_grad() || !call->parameters.empty();
-    call->lock_random_draws = call->lock_random_draws && needs_graph;
-    const auto grid =
-        lockstep(schedule_actions(options.schedule(), m, n), m, n);
-
-    // Per cell (i, j): its input leaf and its output (with the cell's graph);
-    // released by the cell's backward, so 1F1B keeps few alive.
-    std::vector<std::vector<torch::Tensor>> leaves(
-        static_cast<size_t>(m),
-        std::vector<torch::Tensor>(static_cast<size_t>(n)));
-    auto outputs = leaves;
-    std::vector<torch::Tensor> losses(static_cast<size_t>(m));
-    std::vector<torch::Tensor> loss_values(static_cast<size_t>(m));
-    const auto batch = static_cast<double>(input.size(0));
-
-    auto forward_cell = [&](int64_t i, int64_t j) {
-      const auto ii = static_cast<size_t>(i);
-      const auto jj = static_cast<size_t>(j);
-      torch::Tensor x;
-      if (j == 0) {
-        x = receive(inputs[ii], i, j);
-      } else {
-        // A fresh leaf per cell: each cell's graph is backwarded on its own.
-        const auto& previous = outputs[ii][jj - 1];
-        x = receive(previous.detach(), i, j)
-                .detach()
-                .requires_grad_(previous.requires_grad());
-        leaves[ii][jj] = x;
-      }
-      outputs[ii][jj] = run_cell(i, j, m, x, call, needs_graph);
-      if (j == n - 1) {
-        const auto& output = outputs[ii][jj];
-        torch::Tensor loss = detail::with_cell_context({i, j}, "loss_fn", [&] {
-          return loss_fn(output, receive(targets[ii], i, j));
-        });
-        TORCH_CHECK(
-            loss.numel() == 1,
-            "gpipe: loss_fn must return a scalar (micro-batch ",
-            i,
-            ", loss shape: ",
-            loss.sizes(),
-            ")");
-        TORCH_CHECK(
-            loss.requires_grad(),
-            "gpipe: the loss of micro-batch ",
-            i,
-            " does not require grad, so step has nothing to differentiate ",
-            "(plain training fails the same way: element 0 of tensors does ",
-            "not require grad and does not have a grad_fn); check that ",
-            "loss_fn and the last layers do not detach their output");
-        if (options.loss_reduction() == Reduction::Mean) {
-          loss = loss * (static_cast<double>(output.size(0)) / batch);
-        }
-        losses[ii] = loss.reshape({});
-        loss_values[ii] = losses[ii].detach();
-      }
-    };
-
-    auto backward_cell = [&](int64_t i, int64_t j) {
-      const auto ii = static_cast<size_t>(i);
-      const auto jj = static_cast<size_t>(j);
-      torch::Tensor root;
-      torch::Tensor grad;
-      if (j == n - 1) {
-        root = std::exchange(losses[ii], torch::Tensor());
-      } else if (leaves[ii][jj + 1].defined()) {
-        grad = leaves[ii][jj + 1].grad();
-        leaves[ii][jj + 1].reset();
-        if (grad.defined()) {
-          grad = receive_gradient(grad, j);
-          root = outputs[ii][jj];
-        }
-      }
-      if (root.defined() && root.requires_grad()) {
-        // Cells add this context themselves; a loss or copy failure gets it
-        // here (with_cell_context adds it once).
-        detail::with_cell_context({i, j}, "backward", [&] {
-          if (grad.defined()) {
-            torch::autograd::backward({root}, {grad});
-          } else {
-            torch::autograd::backward({root});
-          }
-        });
-      }
-      outputs[ii][jj].reset();
-    };
-
-    const detail::CallerContext caller = capture_caller_context();
-    for (const auto& row : grid) {
-      std::vector<WorkItem> items;
-      for (int64_t j = 0; j < n; ++j) {
-        const auto& action = row[static_cast<size_t>(j)];
-        if (!action) {
-          continue;
-        }
-        const int64_t i = action->microbatch;
-        if (action->kind == Action::Kind::Forward) {
-          items.push_back({j, [&, i, j] { forward_cell(i, j); }});
-        } else {
-          items.push_back({j, [&, i, j] { backward_cell(i, j); }});
-        }
-      }
-      run_round(items, caller);
-    }
+        lane_devices_.size(), scope.call->parameters);
+    scope.call->lane_gradients = &lane_gradients;
+    const bool needs_graph =
+        input.requires_grad() || !scope.call->parameters.empty();
+    scope.call->lock_random_draws =
+        scope.call->lock_random_draws && needs_graph;
+    StepRunner runner(
+        *this,
+        inputs,
+        torch::tensor_split(target, m, /*dim=*/0),
+        loss_fn,
+        static_cast<double>(input.size(0)),
+        scope.call,
+        needs_graph);
+    execute(program, runner);
     lane_gradients.deliver();
     scope.commit();
-    torch::Tensor total = loss_values.front();
-    for (size_t i = 1; i < loss_values.size(); ++i) {
-      total = total + loss_values[i];
+    torch::Tensor total = runner.loss_values.front();
+    for (size_t i = 1; i < runner.loss_values.size(); ++i) {
+      total = total + runner.loss_values[i];
     }
     return total;
+  }
+
+  /// The program `step` runs for m micro-batches: `options.program()` when
+  /// set, else the schedule's, lowered and validated.
+  const Program& step_program_for(int64_t m) {
+    const auto n = static_cast<int64_t>(partitions_.size());
+    if (options.program()) {
+      const Program& mine = *options.program();
+      TORCH_CHECK(
+          mine.stages == n && mine.microbatches == m,
+          "gpipe: the program has ",
+          mine.stages,
+          " stages and ",
+          mine.microbatches,
+          " micro-batches, but the pipe has ",
+          n,
+          " partitions and this batch ",
+          m,
+          " micro-batches (a batch smaller than microbatches() gives fewer)");
+      TORCH_CHECK(
+          mine.lane_of_stage == lane_of_stage(),
+          "gpipe: the program places stages on lanes [",
+          c10::Join(", ", mine.lane_of_stage),
+          "], but the pipe runs its partitions on lanes [",
+          c10::Join(", ", lane_of_stage()),
+          "] (set GPipeOptions::lanes to match)");
+      if (!user_program_ || !(user_program_->first == mine)) {
+        Program lowered = lower(mine);
+        simulate(lowered); // validates, throws with the grid
+        user_program_.emplace(mine, std::move(lowered));
+      }
+      return user_program_->second;
+    }
+    const auto key = std::make_pair(static_cast<int>(options.schedule()), m);
+    auto found = programs_.find(key);
+    if (found == programs_.end()) {
+      Program program =
+          build_program(options.schedule(), n, m, lane_of_stage());
+      simulate(program);
+      found = programs_.emplace(key, std::move(program)).first;
+    }
+    return found->second;
+  }
+
+  /// The lane each partition runs on (GPipeOptions::lanes as resolved).
+  std::vector<int64_t> lane_of_stage() const {
+    return {lane_of_partition_.begin(), lane_of_partition_.end()};
   }
 
   /// A pipe's partitions stay on the devices it was built with: `to()` a
@@ -301,6 +248,9 @@ class GPipeImpl : public torch::nn::Module {
       stream << (j ? ", " : "") << built_.devices()[j];
     }
     stream << "]";
+    if (!built_.lanes().empty()) {
+      stream << ", lanes=[" << c10::Join(", ", built_.lanes()) << "]";
+    }
     if (built_.concurrent_cpu_partitions()) {
       stream << ", concurrent_cpu_partitions=true";
     }
@@ -350,9 +300,23 @@ class GPipeImpl : public torch::nn::Module {
   void place_on_devices() {
     lane_of_partition_.clear();
     lane_devices_.clear();
-    for (size_t j = 0; j < partitions_.size(); ++j) {
+    const auto& lanes = options.lanes();
+    const auto n = partitions_.size();
+    if (!lanes.empty()) {
+      check_lanes(lanes);
+    }
+    for (size_t j = 0; j < n; ++j) {
       const auto& device = options.devices()[j];
       partitions_[j]->to(device);
+      if (!lanes.empty()) {
+        const auto lane = static_cast<size_t>(lanes[j]);
+        if (lane >= lane_devices_.size()) {
+          lane_devices_.resize(lane + 1, device);
+        }
+        lane_devices_[lane] = device;
+        lane_of_partition_.push_back(lane);
+        continue;
+      }
       const bool own_lane =
           device.is_cpu() && options.concurrent_cpu_partitions();
       const auto found =
@@ -378,6 +342,77 @@ class GPipeImpl : public torch::nn::Module {
         } else if (found->second != lane) {
           found->second = -1; // registered on several lanes
         }
+      }
+    }
+  }
+
+  /// Explicit lanes: one per partition, numbered 0..L-1 with none unused,
+  /// each lane on one device, and a CUDA device on one lane only (its
+  /// compute stream is one queue: two lanes would only take turns on it).
+  void check_lanes(const std::vector<int64_t>& lanes) const {
+    const auto n = static_cast<int64_t>(partitions_.size());
+    TORCH_CHECK(
+        !options.concurrent_cpu_partitions(),
+        "gpipe: give either lanes or concurrent_cpu_partitions, not both ",
+        "(concurrent_cpu_partitions(true) is the shorthand for one lane per ",
+        "CPU partition)");
+    TORCH_CHECK(
+        static_cast<int64_t>(lanes.size()) == n,
+        "gpipe: lanes needs one entry per partition (partitions: ",
+        n,
+        ", lanes: [",
+        c10::Join(", ", lanes),
+        "])");
+    const int64_t count = *std::max_element(lanes.begin(), lanes.end()) + 1;
+    std::vector<std::optional<torch::Device>> device_of_lane(
+        static_cast<size_t>(std::max<int64_t>(count, 0)));
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t lane = lanes[static_cast<size_t>(j)];
+      TORCH_CHECK(
+          lane >= 0,
+          "gpipe: lanes must be 0 or more (lanes: [",
+          c10::Join(", ", lanes),
+          "])");
+      const auto& device = options.devices()[static_cast<size_t>(j)];
+      auto& seen = device_of_lane[static_cast<size_t>(lane)];
+      TORCH_CHECK(
+          !seen || *seen == device,
+          "gpipe: lane ",
+          lane,
+          " holds partitions on ",
+          *seen,
+          " and ",
+          device,
+          "; a lane runs partitions of one device (lanes: [",
+          c10::Join(", ", lanes),
+          "], devices: [",
+          c10::Join(", ", options.devices()),
+          "])");
+      seen = device;
+    }
+    for (int64_t lane = 0; lane < count; ++lane) {
+      const auto& device = device_of_lane[static_cast<size_t>(lane)];
+      TORCH_CHECK(
+          device.has_value(),
+          "gpipe: lanes are numbered 0 to ",
+          count - 1,
+          " but lane ",
+          lane,
+          " has no partition (lanes: [",
+          c10::Join(", ", lanes),
+          "])");
+      for (int64_t other = 0; other < lane; ++other) {
+        TORCH_CHECK(
+            !device->is_cuda() ||
+                device_of_lane[static_cast<size_t>(other)] != device,
+            "gpipe: lanes ",
+            other,
+            " and ",
+            lane,
+            " are both on ",
+            *device,
+            "; a CUDA device runs one lane (its partitions take turns on its "
+            "stream anyway)");
       }
     }
   }
@@ -468,6 +503,7 @@ class GPipeImpl : public torch::nn::Module {
     fixed("partitions", built_.partitions(), options.partitions());
     fixed("balance", built_.balance(), options.balance());
     fixed("devices", built_.devices(), options.devices());
+    fixed("lanes", built_.lanes(), options.lanes());
     fixed(
         "concurrent_cpu_partitions",
         built_.concurrent_cpu_partitions(),
@@ -487,7 +523,7 @@ class GPipeImpl : public torch::nn::Module {
   /// What the cells of one call share, and the call's Deferred BatchNorm,
   /// rolled back unless the call commits.
   struct CallScope {
-    CallScope(GPipeImpl& pipe, int64_t m, bool under_step)
+    CallScope(GPipeImpl& pipe, int64_t m)
         : call(std::make_shared<detail::PipeCall>()) {
       std::unordered_map<const c10::TensorImpl*, size_t> seen;
       for (const auto& parameter : pipe.parameters()) {
@@ -502,9 +538,6 @@ class GPipeImpl : public torch::nn::Module {
         call->owner_lane.push_back(
             owner == pipe.owner_lane_.end() ? -1 : owner->second);
         call->hooked.push_back(detail::has_hooks(parameter) ? 1 : 0);
-      }
-      if (under_step) {
-        call->phony = pipe.phony_;
       }
       call->split = m > 1;
       call->lock_random_draws =
@@ -542,6 +575,278 @@ class GPipeImpl : public torch::nn::Module {
     bool committed = false;
   };
 
+  /// `forward()`'s stages: each cell one autograd node of the caller's graph
+  /// (Note [A cell is one autograd node]); activations cross lanes with
+  /// their history, so the user's backward reaches every cell.
+  class ForwardRunner final : public detail::StageRunner {
+   public:
+    ForwardRunner(
+        GPipeImpl& pipe,
+        const std::vector<torch::Tensor>& inputs,
+        std::shared_ptr<detail::PipeCall> call,
+        bool needs_graph)
+        : pipe_(pipe),
+          inputs_(inputs),
+          call_(std::move(call)),
+          needs_graph_(needs_graph),
+          m_(static_cast<int64_t>(inputs.size())) {}
+
+    torch::Tensor input(int64_t i) override {
+      return pipe_.receive(inputs_[static_cast<size_t>(i)], i, 0);
+    }
+    torch::Tensor move(
+        const torch::Tensor& x,
+        int64_t s,
+        int64_t i,
+        detail::Direction /*direction: forward only*/) override {
+      return pipe_.receive(x, i, s);
+    }
+    torch::Tensor forward(int64_t s, int64_t i, const torch::Tensor& x)
+        override {
+      return pipe_.run_cell(i, s, m_, x, call_, needs_graph_);
+    }
+    torch::Tensor backward(
+        int64_t s,
+        int64_t i,
+        const torch::Tensor& /*grad_output*/,
+        bool /*input_only*/) override {
+      TORCH_CHECK(
+          false,
+          "gpipe: forward() runs forward-only programs (stage ",
+          s,
+          ", micro-batch ",
+          i,
+          ")");
+      return {};
+    }
+    void backward_weight(int64_t s, int64_t i) override {
+      backward(s, i, {}, false);
+    }
+
+   private:
+    GPipeImpl& pipe_;
+    const std::vector<torch::Tensor>& inputs_;
+    std::shared_ptr<detail::PipeCall> call_;
+    bool needs_graph_;
+    int64_t m_;
+  };
+
+  /// `step()`'s stages: the pipe calls each cell's StageState itself, so a
+  /// cell's backward can be split into I and W (Note [Splitting a backward
+  /// into I and W]) and no graph spans two cells: activations cross lanes
+  /// detached, gradients travel back as tensors.
+  class StepRunner final : public detail::StageRunner {
+   public:
+    StepRunner(
+        GPipeImpl& pipe,
+        const std::vector<torch::Tensor>& inputs,
+        std::vector<torch::Tensor> targets,
+        const LossFunction& loss_fn,
+        double batch,
+        std::shared_ptr<detail::PipeCall> call,
+        bool needs_graph)
+        : loss_values(inputs.size()),
+          pipe_(pipe),
+          inputs_(inputs),
+          targets_(std::move(targets)),
+          loss_fn_(loss_fn),
+          batch_(batch),
+          call_(std::move(call)),
+          needs_graph_(needs_graph),
+          m_(static_cast<int64_t>(inputs.size())),
+          n_(static_cast<int64_t>(pipe.partitions_.size())),
+          states_(
+              static_cast<size_t>(n_),
+              std::vector<c10::intrusive_ptr<detail::StageState>>(
+                  static_cast<size_t>(m_))),
+          first_inputs_(inputs.size()),
+          last_outputs_(inputs.size()),
+          losses_(inputs.size()) {}
+
+    torch::Tensor input(int64_t i) override {
+      auto& x = first_inputs_[static_cast<size_t>(i)];
+      x = pipe_.receive(inputs_[static_cast<size_t>(i)], i, 0);
+      return x;
+    }
+
+    torch::Tensor move(
+        const torch::Tensor& x,
+        int64_t s,
+        int64_t i,
+        detail::Direction direction) override {
+      if (direction == detail::Direction::Backward) {
+        return pipe_.receive_gradient(x, i, s);
+      }
+      torch::Tensor moved;
+      {
+        torch::NoGradGuard no_grad;
+        moved = pipe_.receive(x, i, s);
+      }
+      // A fresh leaf per cell: each cell's graph is differentiated alone.
+      return moved.detach().requires_grad_(x.requires_grad());
+    }
+
+    torch::Tensor forward(int64_t s, int64_t i, const torch::Tensor& x)
+        override {
+      const auto ss = static_cast<size_t>(s);
+      const auto ii = static_cast<size_t>(i);
+      torch::Tensor out;
+      if (!needs_graph_) {
+        out = pipe_.run_cell(i, s, m_, x, call_, /*needs_graph=*/false);
+      } else {
+        auto state = pipe_.make_state(i, s, m_, call_);
+        out = detail::with_cell_context(
+            {i, s}, "forward", [&] { return state->forward(x); });
+        pipe_.check_batch_kept(i, s, x, out, *call_);
+        if (state->output_requires_grad) {
+          out.requires_grad_(true);
+        }
+        states_[ss][ii] = std::move(state);
+      }
+      if (s < n_ - 1) {
+        return out;
+      }
+      torch::Tensor loss = detail::with_cell_context({i, s}, "loss_fn", [&] {
+        return loss_fn_(out, pipe_.receive(targets_[ii], i, s));
+      });
+      TORCH_CHECK(
+          loss.numel() == 1,
+          "gpipe: loss_fn must return a scalar (micro-batch ",
+          i,
+          ", loss shape: ",
+          loss.sizes(),
+          ")");
+      TORCH_CHECK(
+          loss.requires_grad(),
+          "gpipe: the loss of micro-batch ",
+          i,
+          " does not require grad, so step has nothing to differentiate ",
+          "(plain training fails the same way: element 0 of tensors does ",
+          "not require grad and does not have a grad_fn); check that ",
+          "loss_fn and the last layers do not detach their output");
+      if (pipe_.options.loss_reduction() == Reduction::Mean) {
+        loss = loss * (static_cast<double>(out.size(0)) / batch_);
+      }
+      losses_[ii] = loss.reshape({});
+      loss_values[ii] = losses_[ii].detach();
+      last_outputs_[ii] = out;
+      return torch::Tensor(); // nothing travels on
+    }
+
+    torch::Tensor backward(
+        int64_t s,
+        int64_t i,
+        const torch::Tensor& grad_output,
+        bool input_only) override {
+      const auto ss = static_cast<size_t>(s);
+      const auto ii = static_cast<size_t>(i);
+      torch::Tensor grad = grad_output;
+      if (s == n_ - 1) {
+        detail::with_cell_context({i, s}, "backward", [&] {
+          torch::autograd::backward({std::exchange(losses_[ii], {})});
+        });
+        auto out = std::exchange(last_outputs_[ii], {});
+        grad = out.requires_grad() ? out.grad() : torch::Tensor();
+      }
+      auto state = states_[ss][ii];
+      if (!input_only) {
+        states_[ss][ii].reset(); // B frees the cell's graph when done
+      }
+      torch::Tensor grad_input;
+      if (state) {
+        grad_input = detail::with_cell_context(
+            {i, s}, input_only ? "backward_input" : "backward", [&] {
+              try {
+                return input_only ? state->backward_input(grad)
+                                  : state->backward(
+                                        grad,
+                                        /*extra_inputs=*/0,
+                                        /*keep_graph=*/false,
+                                        /*graph_task_runs_all=*/true)[0];
+              } catch (...) {
+                state->release();
+                throw;
+              }
+            });
+      }
+      if (s > 0) {
+        return grad_input;
+      }
+      auto x = std::exchange(first_inputs_[ii], {});
+      if (grad_input.defined() && x.requires_grad()) {
+        torch::autograd::backward({x}, {grad_input});
+      }
+      return torch::Tensor();
+    }
+
+    void backward_weight(int64_t s, int64_t i) override {
+      auto state = std::exchange(
+          states_[static_cast<size_t>(s)][static_cast<size_t>(i)], {});
+      if (!state) {
+        return;
+      }
+      detail::with_cell_context({i, s}, "backward_weight", [&] {
+        try {
+          state->backward_weight();
+        } catch (...) {
+          state->release();
+          throw;
+        }
+      });
+    }
+
+    std::vector<torch::Tensor> loss_values;
+
+   private:
+    GPipeImpl& pipe_;
+    const std::vector<torch::Tensor>& inputs_;
+    std::vector<torch::Tensor> targets_;
+    const LossFunction& loss_fn_;
+    double batch_;
+    std::shared_ptr<detail::PipeCall> call_;
+    bool needs_graph_;
+    int64_t m_;
+    int64_t n_;
+    // Per [stage][micro-batch]: the cell, from its F to its B (or W).
+    std::vector<std::vector<c10::intrusive_ptr<detail::StageState>>> states_;
+    std::vector<torch::Tensor> first_inputs_; // for the input's gradient
+    std::vector<torch::Tensor> last_outputs_; // the losses' leaves
+    std::vector<torch::Tensor> losses_;
+  };
+
+  /// The forward-only program for m micro-batches (clock_cycles' order).
+  const Program& forward_program_for(int64_t m) {
+    auto found = forward_programs_.find(m);
+    if (found == forward_programs_.end()) {
+      Program program = forward_program(
+          static_cast<int64_t>(partitions_.size()), m, lane_of_stage());
+      simulate(program);
+      found = forward_programs_.emplace(m, std::move(program)).first;
+    }
+    return found->second;
+  }
+
+  /// Runs `program` on the lanes (Note [A failed lane stops every lane]).
+  std::vector<torch::Tensor> execute(
+      const Program& program,
+      detail::StageRunner& runner) {
+    const detail::CallerContext caller = capture_caller_context();
+    detail::MailboxTransport transport;
+    std::vector<detail::DeviceTask> tasks;
+    for (size_t lane = 0; lane < lane_devices_.size(); ++lane) {
+      detail::Worker* worker = nullptr;
+      if (lane_devices_.size() > 1 && lane != 0) {
+        if (!workers_[lane]) {
+          workers_[lane] = std::make_unique<detail::Worker>();
+        }
+        worker = workers_[lane].get();
+      }
+      tasks.push_back(detail::DeviceTask{worker, lane_devices_[lane], {}});
+    }
+    detail::Executor executor(program, runner, transport);
+    return executor.run(std::move(tasks), caller);
+  }
+
   /// `x` moved to partition j's device for micro-batch i (a recorded copy
   /// when it has to travel).
   torch::Tensor receive(const torch::Tensor& x, int64_t i, int64_t j) {
@@ -563,14 +868,52 @@ class GPipeImpl : public torch::nn::Module {
     });
   }
 
-  /// A gradient moved back to partition j's device.
-  torch::Tensor receive_gradient(const torch::Tensor& grad, int64_t j) {
-    const auto& device = options.devices()[static_cast<size_t>(j)];
-    if (grad.device() == device) {
-      return grad;
-    }
+  /// A gradient moved back to partition j's device (a recorded copy).
+  torch::Tensor receive_gradient(
+      const torch::Tensor& grad,
+      int64_t i,
+      int64_t j) {
     torch::NoGradGuard no_grad;
-    return transport_.send(grad, device);
+    return receive(grad, i, j);
+  }
+
+  c10::intrusive_ptr<detail::StageState> make_state(
+      int64_t i,
+      int64_t j,
+      int64_t m,
+      const std::shared_ptr<detail::PipeCall>& call) {
+    const auto jj = static_cast<size_t>(j);
+    return c10::make_intrusive<detail::StageState>(
+        partitions_[jj],
+        detail::CellIndex{i, j},
+        options.devices()[jj],
+        lane_of_partition_[jj],
+        checkpointed(i, m),
+        call,
+        traits_[jj].get(),
+        timeline_);
+  }
+
+  void check_batch_kept(
+      int64_t i,
+      int64_t j,
+      const torch::Tensor& x,
+      const torch::Tensor& out,
+      const detail::PipeCall& call) const {
+    TORCH_CHECK(
+        !call.split || (out.dim() >= 1 && out.size(0) == x.size(0)),
+        "gpipe: partition ",
+        j,
+        " changed the batch dimension on micro-batch ",
+        i,
+        " (input shape: ",
+        x.sizes(),
+        ", output shape: ",
+        out.sizes(),
+        "); under micro-batching every partition must keep the batch in "
+        "dimension 0, so layers that reduce over the batch (sum(0), a mean "
+        "of everything, statistics by hand) belong after the pipe, on its "
+        "output");
   }
 
   /// Partition j applied to micro-batch i (of m) as one autograd node
@@ -600,37 +943,15 @@ class GPipeImpl : public torch::nn::Module {
       out = detail::with_cell_context(
           cell, "forward", [&] { return partition->forward(x); });
     } else {
-      auto state = c10::make_intrusive<detail::StageState>(
-          partition,
-          cell,
-          device,
-          lane_of_partition_[jj],
-          checkpointed(i, m),
-          call,
-          traits_[jj].get(),
-          timeline_);
-      const std::vector<torch::Tensor> phony{call->phony};
-      const at::TensorList extra_inputs = call->phony.defined()
-          ? at::TensorList(phony)
-          : at::TensorList(call->parameters);
+      auto state = make_state(i, j, m, call);
       out = detail::with_cell_context(cell, "forward", [&] {
-        return detail::StageFunction::apply(state, x, extra_inputs)[0];
+        // As a TensorList: apply() finds the tensors that require grad among
+        // arguments of that type only, not in a std::vector.
+        return detail::StageFunction::apply(
+            state, x, at::TensorList(call->parameters))[0];
       });
     }
-    TORCH_CHECK(
-        !call->split || (out.dim() >= 1 && out.size(0) == x.size(0)),
-        "gpipe: partition ",
-        j,
-        " changed the batch dimension on micro-batch ",
-        i,
-        " (input shape: ",
-        x.sizes(),
-        ", output shape: ",
-        out.sizes(),
-        "); under micro-batching every partition must keep the batch in "
-        "dimension 0, so layers that reduce over the batch (sum(0), a mean "
-        "of everything, statistics by hand) belong after the pipe, on its "
-        "output");
+    check_batch_kept(i, j, x, out, *call);
     return out;
   }
 
@@ -648,53 +969,6 @@ class GPipeImpl : public torch::nn::Module {
     return caller;
   }
 
-  /// Something partition `partition` does in a round.
-  struct WorkItem {
-    int64_t partition;
-    std::function<void()> run;
-  };
-
-  /// Runs one round of independent work (a clock tick, a lockstep step): the
-  /// items of each lane in order, the lanes at once; lane 0 (or a lone lane)
-  /// on the caller's thread. Waits for every lane, then rethrows the first
-  /// failure, so a failed round never leaves work running.
-  void run_round(
-      const std::vector<WorkItem>& items,
-      const detail::CallerContext& caller) {
-    std::vector<size_t> lanes;
-    std::vector<std::vector<const WorkItem*>> items_of_lane;
-    for (const auto& item : items) {
-      const size_t lane =
-          lane_of_partition_[static_cast<size_t>(item.partition)];
-      auto found = std::find(lanes.begin(), lanes.end(), lane);
-      if (found == lanes.end()) {
-        lanes.push_back(lane);
-        items_of_lane.emplace_back();
-        found = lanes.end() - 1;
-      }
-      items_of_lane[static_cast<size_t>(found - lanes.begin())].push_back(
-          &item);
-    }
-    std::vector<detail::DeviceTask> tasks;
-    for (size_t t = 0; t < lanes.size(); ++t) {
-      const size_t lane = lanes[t];
-      detail::Worker* worker = nullptr;
-      if (lanes.size() > 1 && lane != 0) {
-        if (!workers_[lane]) {
-          workers_[lane] = std::make_unique<detail::Worker>();
-        }
-        worker = workers_[lane].get();
-      }
-      tasks.push_back(detail::DeviceTask{
-          worker, lane_devices_[lane], [mine = items_of_lane[t]] {
-            for (const WorkItem* item : mine) {
-              item->run();
-            }
-          }});
-    }
-    detail::run_on_workers(tasks, caller);
-  }
-
   SequentialT sequential_{nullptr};
   std::vector<const torch::nn::Module*> layers_; // as built, to notice edits
   GPipeOptions built_{1}; // the structure as built
@@ -702,8 +976,10 @@ class GPipeImpl : public torch::nn::Module {
   std::vector<std::unique_ptr<detail::PartitionTraits>> traits_;
   /// Per parameter: the one lane whose partitions register it, or -1.
   std::unordered_map<const c10::TensorImpl*, int64_t> owner_lane_;
-  /// The extra input of step()'s cells (Note [A cell is one autograd node]).
-  torch::Tensor phony_ = torch::empty({0}).requires_grad_();
+  // Validated programs, per (schedule, m) and per m for forward().
+  std::map<std::pair<int, int64_t>, Program> programs_;
+  std::map<int64_t, Program> forward_programs_;
+  std::optional<std::pair<Program, Program>> user_program_; // as given, lowered
   std::vector<size_t> lane_of_partition_;
   std::vector<torch::Device> lane_devices_;
   std::vector<std::unique_ptr<detail::Worker>>

@@ -158,6 +158,10 @@ inline std::string slice_name(Phase phase, int64_t microbatch) {
       return "R" + std::to_string(microbatch);
     case Phase::Copy:
       return "copy " + std::to_string(microbatch);
+    case Phase::BackwardInput:
+      return "I" + std::to_string(microbatch);
+    case Phase::BackwardWeight:
+      return "W" + std::to_string(microbatch);
   }
   return "?" + std::to_string(microbatch);
 }

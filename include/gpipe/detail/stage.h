@@ -12,11 +12,12 @@
 //     micro-batch on an error and to record its timing;
 //   * the node stays in the graph for the first partition, whose input need
 //     not require grad, because its inputs also hold tensors that do.
-// Those extra inputs are, under `forward()`, every trainable parameter of
-// the pipe (so that `torch::autograd::grad(loss, parameters)` finds each one,
-// including a weight one partition borrows from another, e.g. a tied output
-// projection), and under `step()`, which runs every backward itself, a
-// single empty "phony" tensor.
+// Its extra inputs are every trainable parameter of the pipe (so that
+// `torch::autograd::grad(loss, parameters)` finds each one, including a
+// weight one partition borrows from another, e.g. a tied output projection).
+// `step()` runs every backward itself and needs no outer graph: it calls the
+// cell's StageState directly (forward, backward, or backward_input then
+// backward_weight), and activations cross cells detached.
 //
 // Note [Where parameter gradients go]
 // The inner backward reaches the leaves of the partition's graph: the cell's
@@ -51,14 +52,18 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -178,8 +183,6 @@ struct PipeCall {
   /// Under `step()`: where gradients that must not be accumulated in place
   /// go. Null under `forward()`.
   LaneGradients* lane_gradients = nullptr;
-  /// The phony input of `step()`'s cells.
-  torch::Tensor phony;
   /// Lanes run at once and some cell is checkpointed: random operators take
   /// turns (Note [Random draws are recorded per operator]).
   bool lock_random_draws = false;
@@ -513,15 +516,7 @@ struct StageState : torch::CustomClassHolder {
       size_t extra_inputs,
       bool keep_graph,
       bool graph_task_runs_all) {
-    TORCH_CHECK(
-        !released,
-        "gpipe: trying to backward through partition ",
-        cell.partition,
-        " on micro-batch ",
-        cell.microbatch,
-        " a second time (or directly access saved tensors after they have ",
-        "already been freed); specify retain_graph=true if you need to ",
-        "backward a second time");
+    check_not_released();
     if (checkpointed) {
       recompute();
     }
@@ -541,79 +536,370 @@ struct StageState : torch::CustomClassHolder {
     return grads;
   }
 
+  /// I of a zero-bubble schedule: the gradient of the input only, leaving
+  /// the parameter gradients to `backward_weight` (Note [Splitting a
+  /// backward into I and W]). Under `step()` only.
+  torch::Tensor backward_input(const torch::Tensor& grad_output) {
+    check_not_released();
+    if (checkpointed) {
+      recompute();
+    }
+    TimelineScope recording = scope(Phase::BackwardInput);
+    weight_pending = true;
+    std::vector<torch::Tensor> grads(1);
+    if (!grad_output.defined() || !output.requires_grad()) {
+      return torch::Tensor();
+    }
+    Plan plan = classify(/*graph_task_runs_all=*/true);
+    if (plan.wrt.empty()) {
+      return torch::Tensor();
+    }
+    auto groups = weight_groups(plan);
+    if (!groups) {
+      // No clean split (a weight used twice, or no input to differentiate):
+      // I does all of it, W nothing.
+      differentiate_with(plan, grad_output, /*retain_graph=*/false, grads);
+      release_graph();
+      return grads[0];
+    }
+    std::vector<std::pair<torch::autograd::Node*, FunctionPreHookHandle>> hooks;
+    for (auto& group : *groups) {
+      hooks.emplace_back(
+          group.node.get(), add_capture_hook(*group.node, &group.grads));
+    }
+    std::vector<torch::Tensor> computed;
+    try {
+      computed = torch::autograd::grad(
+          {output},
+          {leaf},
+          {grad_output},
+          /*retain_graph=*/true,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+    } catch (...) {
+      remove_capture_hooks(hooks);
+      throw;
+    }
+    remove_capture_hooks(hooks);
+    pending_plan = std::move(plan);
+    pending_groups = std::move(*groups);
+    return computed[0];
+  }
+
+  /// W: the parameter gradients `backward_input` left, from the gradients
+  /// it captured, without redoing the input gradient.
+  void backward_weight() {
+    check_not_released();
+    TORCH_CHECK(
+        weight_pending,
+        "gpipe: backward_weight of partition ",
+        cell.partition,
+        " on micro-batch ",
+        cell.microbatch,
+        " before its backward_input");
+    weight_pending = false;
+    TimelineScope recording = scope(Phase::BackwardWeight);
+    if (!pending_groups.empty()) {
+      std::vector<torch::Tensor> computed(pending_plan.wrt.size());
+      {
+        HooksParkedGuard parked(pending_plan.hooked);
+        auto& engine = torch::autograd::Engine::get_default_engine();
+        for (auto& group : pending_groups) {
+          torch::autograd::edge_list roots;
+          torch::autograd::variable_list root_grads;
+          for (size_t k = 0; k < group.grads.size(); ++k) {
+            if (group.grads[k].defined()) {
+              roots.emplace_back(group.node, static_cast<uint32_t>(k));
+              root_grads.push_back(std::move(group.grads[k]));
+            }
+          }
+          if (roots.empty()) {
+            continue;
+          }
+          torch::autograd::edge_list outputs;
+          for (size_t k : group.wrt) {
+            outputs.emplace_back(
+                torch::autograd::impl::try_get_grad_accumulator(
+                    pending_plan.wrt[k]),
+                0);
+          }
+          auto values = engine.execute(
+              roots,
+              root_grads,
+              /*keep_graph=*/true,
+              /*create_graph=*/false,
+              /*accumulate_grad=*/false,
+              outputs);
+          for (size_t n = 0; n < group.wrt.size(); ++n) {
+            computed[group.wrt[n]] = std::move(values[n]);
+          }
+        }
+      }
+      std::vector<torch::Tensor> grads(1);
+      route(pending_plan, computed, grads);
+    }
+    release();
+  }
+
   /// Drops everything kept for backward.
   void release() {
-    leaf.reset();
-    output.reset();
+    release_graph();
     input.reset();
     forward_state.reset();
     draws.before.clear();
+    pending_groups.clear();
+    pending_plan = Plan();
     released = true;
   }
 
   /// Drops what a recompute built, keeping what a retry needs.
   void drop_recomputed_graph() {
     if (checkpointed) {
-      leaf.reset();
-      output.reset();
+      release_graph();
     }
   }
 
  private:
-  void differentiate(
-      const torch::Tensor& grad_output,
-      bool retain_graph,
-      bool graph_task_runs_all,
-      std::vector<torch::Tensor>& grads) {
-    const bool under_step = call->lane_gradients != nullptr;
-    // Classify what the inner backward reaches.
+  // Note [Splitting a backward into I and W]
+  // A zero-bubble schedule runs a cell's backward in two parts: I, the
+  // gradient of the input (which the previous stage waits for), and later W,
+  // the parameter gradients (which nobody waits for). W must not redo I's
+  // work. The graph says where the two separate: a node on the input's path
+  // (one from which the input is reachable) with an edge off that path
+  // towards parameters (Linear's addmm: its mat2 edge leads to the weight) is
+  // an "intermediate". I differentiates the input alone, so the engine skips
+  // every edge that does not lead to the input (an autograd node computes
+  // only the outputs its graph task needs), and a pre-hook captures the
+  // gradient each intermediate receives. W then starts the engine at each
+  // intermediate with its captured gradient, asking only for the parameters
+  // behind it: the edges back towards the input are not needed, so nothing
+  // of I runs again. The split needs every parameter behind exactly one
+  // intermediate; a weight used twice in one partition (two intermediates)
+  // makes I do the whole backward and W nothing, which is still correct.
+
+  /// Where the gradients of one inner backward go
+  /// (Note [Where parameter gradients go]).
+  enum class Goes { Input, InPlace, Slot, Lane };
+  struct Plan {
     std::vector<torch::Tensor> wrt;
-    enum class Goes { Input, InPlace, Slot, Lane };
     std::vector<std::pair<Goes, size_t>> where;
     std::vector<torch::Tensor> hooked;
-    bool only_in_place = graph_task_runs_all;
+    bool only_in_place = true;
+  };
+
+  /// One intermediate of Note [Splitting a backward into I and W].
+  struct WeightGroup {
+    std::shared_ptr<torch::autograd::Node> node;
+    torch::autograd::variable_list grads; // captured during I
+    std::vector<size_t> wrt; // indices into Plan::wrt
+  };
+
+  using FunctionPreHookHandle = const torch::autograd::FunctionPreHook*;
+
+  struct CaptureGradients : torch::autograd::FunctionPreHook {
+    explicit CaptureGradients(torch::autograd::variable_list* into_)
+        : into(into_) {}
+    torch::autograd::variable_list operator()(
+        const torch::autograd::variable_list& grads) override {
+      *into = grads;
+      return grads;
+    }
+    torch::autograd::variable_list* into;
+  };
+
+  static FunctionPreHookHandle add_capture_hook(
+      torch::autograd::Node& node,
+      torch::autograd::variable_list* into) {
+    auto hook = std::make_unique<CaptureGradients>(into);
+    const FunctionPreHookHandle handle = hook.get();
+    node.add_pre_hook(std::move(hook));
+    return handle;
+  }
+
+  static void remove_capture_hooks(
+      const std::vector<
+          std::pair<torch::autograd::Node*, FunctionPreHookHandle>>& hooks) {
+    for (const auto& [node, handle] : hooks) {
+      auto& all = node->pre_hooks();
+      all.erase(
+          std::remove_if(
+              all.begin(),
+              all.end(),
+              [handle = handle](const auto& hook) {
+                return hook.get() == handle;
+              }),
+          all.end());
+    }
+  }
+
+  /// The intermediates of `plan`'s parameters, or nothing when the split is
+  /// not clean (Note [Splitting a backward into I and W]).
+  std::optional<std::vector<WeightGroup>> weight_groups(const Plan& plan) {
+    if (!input_requires_grad || !output.grad_fn()) {
+      return std::nullopt;
+    }
+    const auto target = torch::autograd::impl::try_get_grad_accumulator(leaf);
+    if (!target) {
+      return std::nullopt;
+    }
+    using torch::autograd::Node;
+    std::unordered_map<Node*, bool> reaches_input;
+    std::function<bool(Node*)> reaches = [&](Node* node) {
+      const auto found = reaches_input.find(node);
+      if (found != reaches_input.end()) {
+        return found->second;
+      }
+      bool yes = node == target.get();
+      for (const auto& edge : node->next_edges()) {
+        if (edge.function && reaches(edge.function.get())) {
+          yes = true;
+        }
+      }
+      reaches_input[node] = yes;
+      return yes;
+    };
+    if (!reaches(output.grad_fn().get())) {
+      return std::nullopt;
+    }
+    std::unordered_map<Node*, size_t> index_of_leaf; // accumulator -> wrt
+    for (size_t k = 0; k < plan.wrt.size(); ++k) {
+      if (plan.where[k].first == Goes::Input) {
+        continue;
+      }
+      if (auto accumulator =
+              torch::autograd::impl::try_get_grad_accumulator(plan.wrt[k])) {
+        index_of_leaf.emplace(accumulator.get(), k);
+      }
+    }
+    std::vector<WeightGroup> groups;
+    std::unordered_map<size_t, Node*> owner; // wrt index -> intermediate
+    for (const auto& [node, on_path] : reaches_input) {
+      if (!on_path) {
+        continue;
+      }
+      std::vector<size_t> behind;
+      std::vector<Node*> stack;
+      std::unordered_set<Node*> seen;
+      for (const auto& edge : node->next_edges()) {
+        if (edge.function && !reaches_input.at(edge.function.get()) &&
+            seen.insert(edge.function.get()).second) {
+          stack.push_back(edge.function.get());
+        }
+      }
+      while (!stack.empty()) {
+        Node* next = stack.back();
+        stack.pop_back();
+        const auto leaf_index = index_of_leaf.find(next);
+        if (leaf_index != index_of_leaf.end()) {
+          behind.push_back(leaf_index->second);
+        }
+        for (const auto& edge : next->next_edges()) {
+          if (edge.function && seen.insert(edge.function.get()).second) {
+            stack.push_back(edge.function.get());
+          }
+        }
+      }
+      if (behind.empty()) {
+        continue;
+      }
+      for (size_t k : behind) {
+        if (!owner.emplace(k, node).second) {
+          return std::nullopt; // behind two intermediates
+        }
+      }
+      std::shared_ptr<Node> shared = node->getptr();
+      groups.push_back({std::move(shared), {}, std::move(behind)});
+    }
+    if (owner.size() + 1 != plan.wrt.size()) {
+      return std::nullopt; // a parameter not behind any intermediate
+    }
+    return groups;
+  }
+
+  void check_not_released() const {
+    TORCH_CHECK(
+        !released,
+        "gpipe: trying to backward through partition ",
+        cell.partition,
+        " on micro-batch ",
+        cell.microbatch,
+        " a second time (or directly access saved tensors after they have ",
+        "already been freed); specify retain_graph=true if you need to ",
+        "backward a second time");
+  }
+
+  void release_graph() {
+    leaf.reset();
+    output.reset();
+  }
+
+  /// Classifies what the inner backward reaches.
+  Plan classify(bool graph_task_runs_all) const {
+    const bool under_step = call->lane_gradients != nullptr;
+    Plan plan;
+    plan.only_in_place = graph_task_runs_all;
     for (auto& reached : reachable_leaves(output)) {
       if (!reached.requires_grad()) {
         continue; // frozen after forward: plain training skips it too
       }
       if (reached.is_same(leaf)) {
-        wrt.push_back(reached);
-        where.emplace_back(Goes::Input, 0);
+        plan.wrt.push_back(reached);
+        plan.where.emplace_back(Goes::Input, 0);
         continue;
       }
       const auto found = call->slot_of.find(reached.unsafeGetTensorImpl());
       if (found == call->slot_of.end()) {
         if (graph_task_runs_all) { // a tensor from outside the pipe
-          wrt.push_back(reached);
-          where.emplace_back(Goes::InPlace, 0);
+          plan.wrt.push_back(reached);
+          plan.where.emplace_back(Goes::InPlace, 0);
         }
         continue;
       }
       const size_t slot = found->second;
       const bool owned = call->owner_lane[slot] == static_cast<int64_t>(lane);
       if (call->hooked[slot]) {
-        hooked.push_back(reached);
+        plan.hooked.push_back(reached);
       }
       if (graph_task_runs_all && owned && !call->hooked[slot]) {
-        wrt.push_back(reached);
-        where.emplace_back(Goes::InPlace, 0);
+        plan.wrt.push_back(reached);
+        plan.where.emplace_back(Goes::InPlace, 0);
       } else if (graph_task_runs_all && under_step) {
-        wrt.push_back(reached);
-        where.emplace_back(Goes::Lane, slot);
-        only_in_place = false;
+        plan.wrt.push_back(reached);
+        plan.where.emplace_back(Goes::Lane, slot);
+        plan.only_in_place = false;
       } else if (!under_step) {
-        wrt.push_back(reached);
-        where.emplace_back(Goes::Slot, slot);
-        only_in_place = false;
+        plan.wrt.push_back(reached);
+        plan.where.emplace_back(Goes::Slot, slot);
+        plan.only_in_place = false;
       }
     }
-    if (wrt.empty()) {
-      return;
+    return plan;
+  }
+
+  void differentiate(
+      const torch::Tensor& grad_output,
+      bool retain_graph,
+      bool graph_task_runs_all,
+      std::vector<torch::Tensor>& grads) {
+    const Plan plan = classify(graph_task_runs_all);
+    if (!plan.wrt.empty()) {
+      differentiate_with(plan, grad_output, retain_graph, grads);
     }
-    if (only_in_place) {
+  }
+
+  void differentiate_with(
+      const Plan& plan,
+      const torch::Tensor& grad_output,
+      bool retain_graph,
+      std::vector<torch::Tensor>& grads) {
+    if (plan.only_in_place) {
       // The common case: plain backward semantics, straight into `.grad`.
       torch::autograd::backward(
-          {output}, {grad_output}, retain_graph, /*create_graph=*/false, wrt);
+          {output},
+          {grad_output},
+          retain_graph,
+          /*create_graph=*/false,
+          plan.wrt);
       if (input_requires_grad && leaf.grad().defined()) {
         grads[0] = leaf.grad();
         leaf.mutable_grad().reset();
@@ -622,28 +908,36 @@ struct StageState : torch::CustomClassHolder {
     }
     std::vector<torch::Tensor> computed;
     {
-      HooksParkedGuard parked(std::move(hooked));
+      HooksParkedGuard parked(plan.hooked);
       computed = torch::autograd::grad(
           {output},
-          wrt,
+          plan.wrt,
           {grad_output},
           retain_graph,
           /*create_graph=*/false,
           /*allow_unused=*/true);
     }
+    route(plan, computed, grads);
+  }
+
+  /// Sends each computed gradient where `plan` says.
+  void route(
+      const Plan& plan,
+      std::vector<torch::Tensor>& computed,
+      std::vector<torch::Tensor>& grads) {
     std::vector<torch::Tensor> in_place_roots;
     std::vector<torch::Tensor> in_place_grads;
-    for (size_t k = 0; k < wrt.size(); ++k) {
+    for (size_t k = 0; k < plan.wrt.size(); ++k) {
       if (!computed[k].defined()) {
         continue;
       }
-      const auto [goes, slot] = where[k];
+      const auto [goes, slot] = plan.where[k];
       switch (goes) {
         case Goes::Input:
           grads[0] = std::move(computed[k]);
           break;
         case Goes::InPlace:
-          in_place_roots.push_back(wrt[k]);
+          in_place_roots.push_back(plan.wrt[k]);
           in_place_grads.push_back(std::move(computed[k]));
           break;
         case Goes::Slot:
@@ -658,6 +952,12 @@ struct StageState : torch::CustomClassHolder {
       torch::autograd::backward(in_place_roots, in_place_grads);
     }
   }
+
+ public:
+  /// Between I and W: what W needs.
+  bool weight_pending = false;
+  Plan pending_plan;
+  std::vector<WeightGroup> pending_groups;
 };
 
 /// The autograd Function of Note [A cell is one autograd node].
