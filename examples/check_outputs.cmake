@@ -3,13 +3,18 @@ cmake_policy(SET CMP0057 NEW) # if(... IN_LIST ...)
 # the pictures exist and are SVG, the trace and the summary are JSON, and the
 # trace has one slice per (partition, micro-batch, phase).
 foreach(name pipeline_schedule_K2_M4.svg schedule_measured.svg schedule_side_by_side.svg trace.json results.json
-             schedule_step_fill_drain.svg schedule_step_1f1b.svg trace_step_fill_drain.json trace_step_1f1b.json)
+             schedule_step_fill_drain.svg schedule_step_1f1b.svg trace_step_fill_drain.json trace_step_1f1b.json
+             schedule_step_interleaved_1f1b.svg schedule_step_zero_bubble_h1.svg
+             schedule_theory_fill_drain.svg schedule_theory_1f1b.svg
+             schedule_theory_interleaved_1f1b.svg schedule_theory_zero_bubble_h1.svg)
   if(NOT EXISTS "${dir}/${name}")
     message(FATAL_ERROR "giant_mlp did not write ${dir}/${name}")
   endif()
 endforeach()
 foreach(name pipeline_schedule_K2_M4.svg schedule_measured.svg schedule_side_by_side.svg
-             schedule_step_fill_drain.svg schedule_step_1f1b.svg)
+             schedule_step_fill_drain.svg schedule_step_1f1b.svg
+             schedule_step_interleaved_1f1b.svg schedule_step_zero_bubble_h1.svg
+             schedule_theory_fill_drain.svg schedule_theory_zero_bubble_h1.svg)
   file(READ "${dir}/${name}" svg)
   if(NOT svg MATCHES "^<svg " OR NOT svg MATCHES "</svg>\n$")
     message(FATAL_ERROR "${dir}/${name} is not an SVG")

@@ -16,7 +16,12 @@
 //   7. a summary of every configuration, as a table and as JSON.
 // Run `giant_mlp --help` for the flags.
 #include <gpipe/balance.h>
+#include <gpipe/chart.h>
 #include <gpipe/gpipe.h>
+#include <gpipe/memory.h>
+#include <gpipe/trace.h>
+
+#include "run_results.h"
 
 #include <torch/torch.h>
 
@@ -268,7 +273,7 @@ struct Tour {
   std::vector<torch::Device> devices; // one per partition
   std::vector<torch::Device> unique_devices; // in partition order
   torch::nn::Sequential model{nullptr};
-  std::vector<gpipe::RunResult> results;
+  std::vector<gpipe_example::RunResult> results;
   double measured_bubble = std::nan(""); // of the timeline of step 3
 };
 
@@ -334,7 +339,7 @@ void train_step_microbatched(
 
 /// One configuration of step 4: how to run one training step of it.
 struct Candidate {
-  gpipe::RunResult result; // mode, batch, K, M filled in beforehand
+  gpipe_example::RunResult result; // mode, batch, K, M filled in beforehand
   std::string label;
   std::function<void()> step;
   std::vector<double> times; // ms, one per timed round
@@ -561,13 +566,26 @@ void step_pictures(Tour& tour) {
   }
   tour.measured_bubble = measured_bubble;
 
-  // The same step through step() on both schedules: 1F1B interleaves the
-  // backwards into the forwards and so keeps fewer micro-batches alive.
+  // The same step through step() on every schedule: 1F1B interleaves the
+  // backwards into the forwards and so keeps fewer micro-batches alive;
+  // zero-bubble splits each backward into I and W and fills the drain's
+  // bubble with W. Interleaved 1F1B needs several partitions per lane:
+  // with one device per partition it runs as 1F1B.
   auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) {
     return torch::mse_loss(out, target);
   };
   for (const auto schedule :
-       {gpipe::Schedule::FillDrain, gpipe::Schedule::OneFOneB}) {
+       {gpipe::Schedule::FillDrain,
+        gpipe::Schedule::OneFOneB,
+        gpipe::Schedule::Interleaved1F1B,
+        gpipe::Schedule::ZeroBubbleH1}) {
+    const std::string theory_path =
+        dir + "schedule_theory_" + gpipe::to_string(schedule) + ".svg";
+    gpipe::write_svg(
+        {gpipe::theoretical_schedule(
+            schedule, flags.partitions, flags.microbatches)},
+        theory_path);
+    std::cout << "  theory     " << theory_path << "\n";
     pipe->options.schedule(schedule);
     pipe->step(x, y, loss_fn); // warm-up, not recorded
     synchronize(tour.unique_devices);
@@ -950,7 +968,7 @@ void step_balance(const Tour& tour) {
 void step_summary(const Tour& tour) {
   std::cout << "\nStep 7. Summary of every configuration run\n"
             << "  (measured bubble: from the timeline of step 3)\n\n";
-  std::string table = gpipe::summarize_results(tour.results);
+  std::string table = gpipe_example::summarize_results(tour.results);
   size_t at = 0;
   while (at < table.size()) {
     const auto end = table.find('\n', at);
@@ -959,7 +977,7 @@ void step_summary(const Tour& tour) {
   }
   const auto path = tour.flags.output + "/results.json";
   std::ofstream file(path);
-  file << gpipe::results_json(tour.results);
+  file << gpipe_example::results_json(tour.results);
   TORCH_CHECK(
       file.good(), "giant_mlp: cannot write the summary (path: ", path, ")");
   std::cout << "\n  wrote " << path << "\n";

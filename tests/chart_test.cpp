@@ -4,6 +4,8 @@
 
 #include <gpipe/chart.h>
 
+#include "../examples/run_results.h"
+
 #include <set>
 #include <tuple>
 
@@ -158,22 +160,22 @@ TEST(Chart, ASinglePanelSvgKeepsItsLegendInsideThePicture) {
 }
 
 TEST(Chart, SummaryTableAndJsonHaveOneRowPerConfiguration) {
-  gpipe::RunResult plain;
+  gpipe_example::RunResult plain;
   plain.mode = "plain";
   plain.device = "cpu";
   plain.batch = 64;
   plain.step_ms = 12.5;
   plain.peak_bytes = 3 * 1024 * 1024;
-  gpipe::RunResult piped = plain;
+  gpipe_example::RunResult piped = plain;
   piped.mode = "always \"quoted\"";
   piped.partitions = 4;
   piped.microbatches = 16;
   piped.bubble = gpipe::bubble_fraction(4, 16);
-  const auto table = gpipe::summarize_results({plain, piped});
+  const auto table = gpipe_example::summarize_results({plain, piped});
   EXPECT_NE(table.find("15.8%"), std::string::npos) << table;
   EXPECT_NE(table.find("3.0"), std::string::npos) << table;
   EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 4);
-  const auto json = gpipe::results_json({plain, piped});
+  const auto json = gpipe_example::results_json({plain, piped});
   EXPECT_NE(json.find("\"mode\": \"always \\\"quoted\\\"\""), std::string::npos)
       << json;
   EXPECT_NE(json.find("\"step_ms\": 12.5,"), std::string::npos) << json;

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <iostream>
 #include <map>
 #include <thread>
 
@@ -392,6 +393,8 @@ TEST(Executor, EveryScheduleOverlapsAsSimulatePredictsWithSleepingStages) {
         gpipe::simulate(gpipe::build_program(schedule, stages, m, lanes), costs)
             .makespan;
     measured[schedule] = measured_makespan(pipe, m);
+    std::cout << "  " << schedule << ": predicted " << predicted[schedule]
+              << " s, measured " << measured[schedule] << " s\n";
     EXPECT_LE(measured[schedule], 1.15 * predicted[schedule])
         << schedule << ": predicted " << predicted[schedule] << " s";
     EXPECT_GE(measured[schedule], 0.95 * predicted[schedule])

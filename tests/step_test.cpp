@@ -2,6 +2,8 @@
 // loss scaling, equal to plain training.
 #include "test_support.h"
 
+#include <gpipe/memory.h>
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;

@@ -1,11 +1,16 @@
 // The one header users include: GPipe pipeline parallelism for LibTorch.
+//
+// The library only: options, schedules and programs, the pipe, and the
+// timeline hook. The tools are opt-in headers: <gpipe/trace.h> (Chrome
+// traces), <gpipe/chart.h> (schedule pictures), <gpipe/memory.h> (memory
+// meter) and <gpipe/balance.h> (profiling and balancing).
 #pragma once
 
-#include <gpipe/chart.h>
-#include <gpipe/memory.h>
 #include <gpipe/options.h>
 #include <gpipe/pipe.h>
+#include <gpipe/program.h>
 #include <gpipe/schedule.h>
+#include <gpipe/schedules.h>
+#include <gpipe/simulate.h>
 #include <gpipe/timeline.h>
-#include <gpipe/trace.h>
 #include <gpipe/version.h>

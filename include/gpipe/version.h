@@ -4,7 +4,7 @@
 #pragma once
 
 #define GPIPE_VERSION_MAJOR 0
-#define GPIPE_VERSION_MINOR 1
+#define GPIPE_VERSION_MINOR 2
 #define GPIPE_VERSION_PATCH 0
 
 #define GPIPE_VERSION_STRINGIFY_(x) #x
