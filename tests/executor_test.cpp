@@ -413,11 +413,15 @@ TEST(Executor, EveryScheduleOverlapsAsSimulatePredictsWithSleepingStages) {
 
 TEST(Executor, MicrobatchesInFlightPerStageAreWhatSimulatePredicts) {
   // In flight: from a cell's forward to the end of its backward (B, or W).
-  const int64_t k = 4;
   const int64_t m = 8;
-  for (const auto schedule :
-       {Schedule::FillDrain, Schedule::OneFOneB, Schedule::ZeroBubbleH1}) {
-    auto pipe = sleepy_pipe(k, m, {0, 1, 2, 3}, schedule);
+  for (const auto schedule : kSchedules) {
+    // Interleaved: 8 stages on 4 lanes; the others a stage per lane.
+    const int64_t k = schedule == Schedule::Interleaved1F1B ? 8 : 4;
+    std::vector<int64_t> lanes;
+    for (int64_t j = 0; j < k; ++j) {
+      lanes.push_back(j % 4);
+    }
+    auto pipe = sleepy_pipe(k, m, lanes, schedule);
     auto timeline = std::make_shared<gpipe::Timeline>();
     pipe->set_timeline(timeline);
     const auto x = torch::randn({m, 2}, torch::requires_grad());
@@ -433,11 +437,10 @@ TEST(Executor, MicrobatchesInFlightPerStageAreWhatSimulatePredicts) {
         changes[j].emplace_back(event.end_us, -1);
       }
     }
-    const auto expected =
-        gpipe::simulate(
-            gpipe::build_program(schedule, k, m, {0, 1, 2, 3}),
-            {0.02, 0.04, 0.02, 0.02})
-            .peak_in_flight;
+    const auto expected = gpipe::simulate(
+                              gpipe::build_program(schedule, k, m, lanes),
+                              {0.02, 0.04, 0.02, 0.02})
+                              .peak_in_flight;
     for (int64_t j = 0; j < k; ++j) {
       auto& mine = changes[static_cast<size_t>(j)];
       std::sort(mine.begin(), mine.end(), [](const auto& a, const auto& b) {

@@ -613,6 +613,9 @@ inline std::vector<int64_t> peak_in_flight(
 /// receive without its match or between stages that share a lane or are no
 /// neighbours, or an order that can never finish (deadlock).
 ///
+/// A program without any communication action is lowered first (`lower`),
+/// so `lanes` then lists the SEND and RECV actions the pipe would run.
+///
 /// A program is forward-only (no B, I or W) or does every (stage,
 /// micro-batch)'s backward once, as B or as I then W. Communication:
 /// SEND_F(s, i) sends stage s's output to stage s + 1, which takes it with
@@ -620,7 +623,7 @@ inline std::vector<int64_t> peak_in_flight(
 /// s's input to stage s - 1, which takes it with RECV_B(s - 1, i) before its
 /// B or I. A receive ends `comm` after both its lane is free and its send is
 /// done.
-inline Simulation simulate(const Program& program, const Costs& costs = {}) {
+inline Simulation simulate(const Program& given, const Costs& costs = {}) {
   TORCH_CHECK(
       costs.F >= 0 && costs.B >= 0 && costs.I >= 0 && costs.W >= 0 &&
           costs.comm >= 0,
@@ -635,6 +638,8 @@ inline Simulation simulate(const Program& program, const Costs& costs = {}) {
       ", comm: ",
       costs.comm,
       ")");
+  // A program without communication gets it here, as the pipe would run it.
+  const Program program = lower(given);
   detail::check_program(program);
   const auto lanes = static_cast<int64_t>(program.lanes.size());
   const auto limit = detail::no_limit(program);

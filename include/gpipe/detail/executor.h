@@ -216,7 +216,13 @@ class Executor {
   std::vector<torch::Tensor> run(
       std::vector<DeviceTask> lanes,
       const CallerContext& caller) {
-    TORCH_INTERNAL_ASSERT(lanes.size() == program_.lanes.size());
+    TORCH_INTERNAL_ASSERT(
+        lanes.size() == program_.lanes.size(),
+        "gpipe: a task per lane: ",
+        lanes.size(),
+        " tasks, ",
+        program_.lanes.size(),
+        " lanes");
     for (size_t l = 0; l < lanes.size(); ++l) {
       lanes[l].run = [this, l] { run_lane(l); };
     }
