@@ -9,6 +9,7 @@
 #include <gpipe/options.h>
 #include <gpipe/pipe.h>
 #include <gpipe/program.h>
+#include <gpipe/recompute.h>
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>

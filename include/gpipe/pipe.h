@@ -269,6 +269,49 @@ class GPipeImpl : public torch::nn::Module {
     return timeline_;
   }
 
+  /// The number of layers, as the wrapped Sequential's `size()`.
+  size_t size() const noexcept {
+    return layers_.size();
+  }
+
+  /// Layer `index` of the wrapped Sequential (whatever partition runs it),
+  /// so code written against a Sequential keeps working on a pipe.
+  std::shared_ptr<torch::nn::Module> ptr(size_t index) const {
+    TORCH_CHECK(
+        index < size(),
+        "gpipe: index ",
+        index,
+        " is out of range for a pipe of ",
+        size(),
+        " layers");
+    return sequential_->ptr(index);
+  }
+
+  std::shared_ptr<torch::nn::Module> operator[](size_t index) const {
+    return ptr(index);
+  }
+
+  /// Layer `index` as its module type, as Sequential's `at<T>()`.
+  template <typename T>
+  T& at(size_t index) {
+    ptr(index); // range check with a gpipe: message
+    return sequential_->template at<T>(index);
+  }
+
+  /// Iteration over the layers (`torch::nn::AnyModule`s), as a Sequential's.
+  auto begin() {
+    return sequential_->begin();
+  }
+  auto end() {
+    return sequential_->end();
+  }
+  auto begin() const {
+    return sequential_->begin();
+  }
+  auto end() const {
+    return sequential_->end();
+  }
+
   /// The partitions, each a Sequential sharing the wrapped one's modules.
   const std::vector<torch::nn::Sequential>& partitions() const {
     return partitions_;

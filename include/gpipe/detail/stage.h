@@ -45,6 +45,7 @@
 #pragma once
 
 #include <gpipe/detail/observer.h>
+#include <gpipe/recompute.h>
 #include <gpipe/timeline.h>
 
 #include <ATen/ThreadLocalState.h>
@@ -435,6 +436,8 @@ struct StageState : torch::CustomClassHolder {
     if (checkpointed || observer.lock_draws || observer.batch_norm) {
       observing.emplace(observer);
     }
+    const RecomputeFlagGuard checkpointing(
+        &RecomputeFlags::checkpointing, checkpointed);
     auto& known =
         call->output_requires_grad[static_cast<size_t>(cell.partition)];
     if (!checkpointed) {
@@ -495,6 +498,7 @@ struct StageState : torch::CustomClassHolder {
     observer.draws = &draws;
     {
       ObserverScope observing(observer);
+      const RecomputeFlagGuard recomputing(&RecomputeFlags::recomputing, true);
       build_graph(input);
     }
     TORCH_CHECK(
