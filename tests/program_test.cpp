@@ -136,7 +136,7 @@ TEST(ProgramText, RejectsLinesThatAreNoLane) {
       "gpipe: cannot parse program line 2: expected 'lane <l>: <actions>' (line: 'lane 1 0F1')");
   EXPECT_EQ(
       gpipe_test::error_of([] { gpipe::parse_program("lane 0: 0F0 0Q1"); }),
-      "gpipe: cannot parse program line 1: gpipe: cannot parse action '0Q1': expected <stage><op><micro-batch>, such as 2F0 or 0RECV_B3 (ops: F, B, I, W, SEND_F, RECV_F, SEND_B, RECV_B) (line: 'lane 0: 0F0 0Q1')");
+      "gpipe: cannot parse program line 1: cannot parse action '0Q1': expected <stage><op><micro-batch>, such as 2F0 or 0RECV_B3 (ops: F, B, I, W, SEND_F, RECV_F, SEND_B, RECV_B) (line: 'lane 0: 0F0 0Q1')");
   EXPECT_EQ(
       gpipe_test::error_of(
           [] { gpipe::parse_program("lane 0: 0F0\nlane 0: 1F0"); }),

@@ -252,7 +252,9 @@ inline Program parse_program(const std::string& text) {
       try {
         action = parse_action(word);
       } catch (const c10::Error& e) {
-        fail(e.what_without_backtrace());
+        // The action's message, without a second "gpipe: " prefix.
+        const std::string why = e.msg();
+        fail(why.rfind("gpipe: ", 0) == 0 ? why.substr(7) : why);
       }
       program.lanes[l].push_back(action);
       program.stages = std::max(program.stages, action.stage + 1);
