@@ -155,13 +155,8 @@ class MailboxTransport final : public Transport {
     arrived_.notify_all();
   }
 
-  bool aborted() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return aborted_;
-  }
-
  private:
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::condition_variable arrived_;
   std::map<Tag, torch::Tensor> boxes_;
   bool aborted_ = false;
