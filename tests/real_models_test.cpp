@@ -363,6 +363,10 @@ torch::nn::Sequential make_dropout_stack() {
         torch::nn::Linear(torch::nn::LinearOptions(16, 16).bias(false)));
     seq->push_back(torch::nn::Dropout(0.5));
   }
+  // Double precision: the adjoint identity below divides by <g, y>, which
+  // cancellation can make small; float32 rounding then looks like a wrong
+  // mask. In double a replay error is still O(1), rounding is not.
+  seq->to(torch::kDouble);
   return seq;
 }
 
@@ -387,8 +391,8 @@ TEST(RealModels, DropoutOnConcurrentLanesIsReplayedExactlyByRecompute) {
               .microbatches(8)
               .checkpoint(mode)
               .concurrent_cpu_partitions(true));
-      const auto x = torch::randn({32, 16}).requires_grad_();
-      const auto g = torch::randn({32, 16});
+      const auto x = torch::randn({32, 16}, torch::kDouble).requires_grad_();
+      const auto g = torch::randn({32, 16}, torch::kDouble);
       const auto y = pipe(x);
       (y * g).sum().backward();
       EXPECT_LT(relative_adjoint_error(x, y.detach(), g), 1e-4)
@@ -409,8 +413,8 @@ TEST(RealModels, StepWithDropoutOnConcurrentLanesSatisfiesTheAdjointIdentity) {
               .concurrent_cpu_partitions(true)
               .schedule(schedule)
               .loss_reduction(gpipe::Reduction::Sum));
-      const auto x = torch::randn({32, 16}).requires_grad_();
-      const auto g = torch::randn({32, 16});
+      const auto x = torch::randn({32, 16}, torch::kDouble).requires_grad_();
+      const auto g = torch::randn({32, 16}, torch::kDouble);
       // Linear in x for the drawn masks: loss = ⟨g, y⟩ = ⟨x.grad, x⟩.
       const auto loss = pipe->step(
           x, g, [](const torch::Tensor& out, const torch::Tensor& t) {
@@ -425,7 +429,7 @@ TEST(RealModels, StepWithDropoutOnConcurrentLanesSatisfiesTheAdjointIdentity) {
 }
 
 TEST(RealModels, RecomputeLeavesTheGeneratorWherePlainTrainingLeavesIt) {
-  const auto x = torch::randn({32, 16});
+  const auto x = torch::randn({32, 16}, torch::kDouble);
   torch::manual_seed(99);
   auto plain = make_dropout_stack();
   torch::manual_seed(99);
