@@ -545,20 +545,46 @@ TEST(Executor, AFailureOnOneLaneNeverLeavesAnotherLaneWaiting) {
 TEST(Transport, AMailboxHandsOverByTagAndChecksWhatTheReceiverExpects) {
   gpipe::detail::MailboxTransport mailbox;
   using gpipe::detail::Direction;
+  using gpipe::detail::TensorMeta;
   const auto x = torch::ones({2, 3});
-  mailbox.send({1, 0, Direction::Forward}, x);
-  mailbox.send({1, 1, Direction::Forward}, torch::zeros({2, 3}));
-  mailbox.send({0, 0, Direction::Backward}, torch::Tensor()); // no gradient
-  EXPECT_TRUE(mailbox.recv({1, 0, Direction::Forward}).is_same(x));
-  EXPECT_FALSE(mailbox.recv({0, 0, Direction::Backward}).defined());
+  const auto ids = torch::zeros({2}, torch::kLong);
+  mailbox.send({1, 0, Direction::Forward}, {x, ids});
+  mailbox.send({1, 1, Direction::Forward}, {torch::zeros({2, 3})});
+  mailbox.send({0, 0, Direction::Backward}, {torch::Tensor()}); // no gradient
+  mailbox.send({3, 0, Direction::Forward, 1}, {x}); // a skip's channel
+  const auto received = mailbox.recv(
+      {1, 0, Direction::Forward},
+      std::vector<TensorMeta>{{{2, 3}, torch::kFloat}, {{2}, torch::kLong}});
+  ASSERT_EQ(received.size(), 2u);
+  EXPECT_TRUE(received[0].is_same(x));
+  EXPECT_TRUE(received[1].is_same(ids));
+  EXPECT_FALSE(mailbox.recv({0, 0, Direction::Backward})[0].defined());
+  EXPECT_TRUE(mailbox.recv({3, 0, Direction::Forward, 1})[0].is_same(x));
   EXPECT_EQ(
       error_of([&] {
         mailbox.recv(
             {1, 1, Direction::Forward},
-            gpipe::detail::TensorMeta{{2, 4}, torch::kFloat});
+            std::vector<TensorMeta>{{{2, 4}, torch::kFloat}});
       }),
-      "gpipe: received the activation for stage 1, micro-batch 1 with shape "
-      "[2, 3] and dtype Float, expected shape [2, 4] and dtype Float");
+      "gpipe: received the activation for stage 1, micro-batch 1 with tensor "
+      "0 of shape [2, 3] and dtype Float, expected shape [2, 4] and dtype "
+      "Float");
+}
+
+TEST(Transport, AMailboxRefusesABundleWithAnotherNumberOfTensors) {
+  gpipe::detail::MailboxTransport mailbox;
+  using gpipe::detail::Direction;
+  using gpipe::detail::TensorMeta;
+  mailbox.send({2, 1, Direction::Backward, 3}, {torch::ones({1})});
+  EXPECT_EQ(
+      error_of([&] {
+        mailbox.recv(
+            {2, 1, Direction::Backward, 3},
+            std::vector<TensorMeta>{
+                {{1}, torch::kFloat}, {{1}, torch::kFloat}});
+      }),
+      "gpipe: received the gradient of skip route 2 for stage 2, micro-batch "
+      "1 with 1 tensors, expected 2");
 }
 
 TEST(Transport, AbortWakesEveryLaneWaitingInAReceive) {

@@ -1,9 +1,10 @@
 // The one header users include: GPipe pipeline parallelism for LibTorch.
 //
-// The library only: options, schedules and programs, the pipe, and the
-// timeline hook. The tools are opt-in headers: <gpipe/trace.h> (Chrome
-// traces), <gpipe/chart.h> (schedule pictures), <gpipe/memory.h> (memory
-// meter) and <gpipe/balance.h> (profiling and balancing).
+// The library only: options, schedules and programs, the pipe, skip
+// connections, recompute awareness, and the timeline hook. The tools are opt-in
+// headers: <gpipe/trace.h> (Chrome traces), <gpipe/chart.h> (schedule
+// pictures), <gpipe/memory.h> (memory meter) and <gpipe/balance.h> (profiling
+// and balancing).
 #pragma once
 
 #include <gpipe/options.h>
@@ -13,5 +14,6 @@
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>
+#include <gpipe/skip.h>
 #include <gpipe/timeline.h>
 #include <gpipe/version.h>

@@ -20,9 +20,11 @@
 #pragma once
 
 #include <gpipe/detail/batch_norm.h>
+#include <gpipe/detail/bundle.h>
 #include <gpipe/detail/executor.h>
 #include <gpipe/detail/microbatch.h>
 #include <gpipe/detail/partition.h>
+#include <gpipe/detail/skip_layout.h>
 #include <gpipe/detail/stage.h>
 #include <gpipe/detail/transport.h>
 #include <gpipe/detail/worker.h>
@@ -31,6 +33,7 @@
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>
+#include <gpipe/skip.h>
 #include <gpipe/timeline.h>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -43,6 +46,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -86,6 +90,19 @@ class GPipeImpl : public torch::nn::Module {
       register_module(child.key(), child.value());
     }
     partitions_ = detail::split_sequential(sequential, options.balance());
+    skip_layout_ = detail::skip_layout(sequential, options.balance());
+    if (!skip_layout_.empty()) {
+      skip_channels_.incoming.resize(partitions_.size());
+      skip_channels_.outgoing.resize(partitions_.size());
+      for (size_t r = 0; r < skip_layout_.routes.size(); ++r) {
+        const auto& route = skip_layout_.routes[r];
+        const auto channel = static_cast<int64_t>(r + 1);
+        skip_channels_.outgoing[static_cast<size_t>(route.from)].push_back(
+            {channel, route.to, route.name});
+        skip_channels_.incoming[static_cast<size_t>(route.to)].push_back(
+            {channel, route.from, route.name});
+      }
+    }
     for (size_t j = 0; j < partitions_.size(); ++j) {
       traits_.push_back(std::make_unique<detail::PartitionTraits>());
     }
@@ -97,19 +114,39 @@ class GPipeImpl : public torch::nn::Module {
   /// partition's device. `input` may live on any device. Backward (the
   /// user's `loss.backward()`) follows the autograd engine: across devices
   /// it overlaps as the engine's per-device threads allow.
-  torch::Tensor forward(const torch::Tensor& input) {
-    check_unchanged();
-    auto activations = detail::scatter(input, options.microbatches());
-    const auto m = static_cast<int64_t>(activations.size());
-    CallScope scope(*this, m);
-    const bool needs_graph = torch::GradMode::is_enabled() &&
-        (input.requires_grad() || !scope.call->parameters.empty());
-    scope.call->lock_random_draws =
-        scope.call->lock_random_draws && needs_graph;
-    ForwardRunner runner(*this, activations, scope.call, needs_graph);
-    auto outputs = execute(forward_program_for(m), runner);
-    scope.commit();
-    return detail::gather(outputs);
+  ///
+  /// As Sequential's `forward<ReturnType>`: `input` is a tensor or a
+  /// `std::vector<torch::Tensor>` (every tensor split along dimension 0),
+  /// and `ReturnType` is `torch::Tensor` or `std::vector<torch::Tensor>`,
+  /// whatever the last layer returns (detail/bundle.h).
+  template <typename ReturnType = torch::Tensor, typename Input>
+  ReturnType forward(const Input& input) {
+    static_assert(
+        std::is_same<Input, torch::Tensor>::value ||
+            std::is_same<Input, std::vector<torch::Tensor>>::value,
+        "gpipe: a pipe's input is a torch::Tensor or a "
+        "std::vector<torch::Tensor>");
+    detail::Value out = forward_value(detail::value_of(input));
+    if constexpr (std::is_same<ReturnType, std::vector<torch::Tensor>>::value) {
+      return std::move(out.tensors);
+    } else {
+      static_assert(
+          std::is_same<ReturnType, torch::Tensor>::value,
+          "gpipe: forward returns a torch::Tensor or a "
+          "std::vector<torch::Tensor>");
+      TORCH_CHECK(
+          !out.is_list,
+          "gpipe: the last layer returned a list of ",
+          out.tensors.size(),
+          " tensors; ask for them with forward<std::vector<torch::Tensor>>");
+      return std::move(out.tensors.front());
+    }
+  }
+
+  /// `forward({h, mask})`: a braced list is a list, even of one tensor.
+  template <typename ReturnType = torch::Tensor>
+  ReturnType forward(std::initializer_list<torch::Tensor> inputs) {
+    return forward<ReturnType>(std::vector<torch::Tensor>(inputs));
   }
 
   /// A loss for `step`: (output of a micro-batch, its target) -> scalar.
@@ -127,6 +164,59 @@ class GPipeImpl : public torch::nn::Module {
       const torch::Tensor& input,
       const torch::Tensor& target,
       const LossFunction& loss_fn) {
+    return step_value(detail::value_of(input), target, loss_fn);
+  }
+
+  /// `step` for a model whose first layer takes several tensors (split
+  /// like `input` above); its last layer returns one.
+  torch::Tensor step(
+      const std::vector<torch::Tensor>& inputs,
+      const torch::Tensor& target,
+      const LossFunction& loss_fn) {
+    return step_value(detail::value_of(inputs), target, loss_fn);
+  }
+
+  /// `step({h, mask}, ...)`: a braced list is a list, even of one tensor.
+  torch::Tensor step(
+      std::initializer_list<torch::Tensor> inputs,
+      const torch::Tensor& target,
+      const LossFunction& loss_fn) {
+    return step(std::vector<torch::Tensor>(inputs), target, loss_fn);
+  }
+
+ private:
+  detail::Value forward_value(detail::Value input) {
+    check_unchanged();
+    detail::check_microbatches(options.microbatches());
+    detail::check_bundle(input.tensors, "input");
+    const int64_t m =
+        std::min(options.microbatches(), input.tensors.front().size(0));
+    auto activations = detail::scatter_bundle(input.tensors, m);
+    CallScope scope(*this, m);
+    scope.call->input_is_list = input.is_list;
+    const bool needs_graph = torch::GradMode::is_enabled() &&
+        (any_requires_grad(input.tensors) || !scope.call->parameters.empty());
+    scope.call->lock_random_draws =
+        scope.call->lock_random_draws && needs_graph;
+    ForwardRunner runner(*this, activations, scope.call, needs_graph);
+    auto outputs = execute(forward_program_for(m), runner);
+    scope.commit();
+    const auto last = partitions_.size() - 1;
+    return {
+        detail::gather_bundle(outputs),
+        scope.call->output_is_list[last].load() == 1};
+  }
+
+  static bool any_requires_grad(const detail::Bundle& tensors) {
+    return std::any_of(tensors.begin(), tensors.end(), [](const auto& t) {
+      return t.defined() && t.requires_grad();
+    });
+  }
+
+  torch::Tensor step_value(
+      detail::Value input_value,
+      const torch::Tensor& target,
+      const LossFunction& loss_fn) {
     check_unchanged();
     TORCH_CHECK(
         static_cast<bool>(loss_fn),
@@ -134,7 +224,11 @@ class GPipeImpl : public torch::nn::Module {
     TORCH_CHECK(
         torch::GradMode::is_enabled(),
         "gpipe: step runs backward and cannot run with grad mode disabled (use forward under NoGradGuard)");
-    auto inputs = detail::scatter(input, options.microbatches());
+    detail::check_microbatches(options.microbatches());
+    detail::check_bundle(input_value.tensors, "input");
+    const auto& input = input_value.tensors.front();
+    const int64_t m_asked = std::min(options.microbatches(), input.size(0));
+    auto inputs = detail::scatter_bundle(input_value.tensors, m_asked);
     detail::check_batch(target, "target");
     TORCH_CHECK(
         target.size(0) == input.size(0),
@@ -149,8 +243,9 @@ class GPipeImpl : public torch::nn::Module {
     detail::LaneGradients lane_gradients(
         lane_devices_.size(), scope.call->parameters);
     scope.call->lane_gradients = &lane_gradients;
-    const bool needs_graph =
-        input.requires_grad() || !scope.call->parameters.empty();
+    scope.call->input_is_list = input_value.is_list;
+    const bool needs_graph = any_requires_grad(input_value.tensors) ||
+        !scope.call->parameters.empty();
     scope.call->lock_random_draws =
         scope.call->lock_random_draws && needs_graph;
     StepRunner runner(
@@ -171,6 +266,7 @@ class GPipeImpl : public torch::nn::Module {
     return total;
   }
 
+ public:
   /// The program `step` runs for m micro-batches: `options.program()` when
   /// set, else the schedule's, lowered and validated.
   const Program& step_program_for(int64_t m) {
@@ -585,7 +681,11 @@ class GPipeImpl : public torch::nn::Module {
       call->split = m > 1;
       call->lock_random_draws =
           pipe.lane_devices_.size() > 1 && pipe.checkpointed(0, m);
-      call->output_requires_grad.assign(pipe.partitions_.size(), -1);
+      call->outputs_require_grad.assign(pipe.partitions_.size(), {});
+      call->output_is_list.reset(new std::atomic<int>[pipe.partitions_.size()]);
+      for (size_t j = 0; j < pipe.partitions_.size(); ++j) {
+        call->output_is_list[j].store(-1);
+      }
       if (pipe.options.deferred_batch_norm() && pipe.is_training()) {
         batch_norm = std::make_unique<detail::DeferredBatchNorm>(
             detail::tracked_batch_norms(pipe.partitions_));
@@ -625,7 +725,7 @@ class GPipeImpl : public torch::nn::Module {
    public:
     ForwardRunner(
         GPipeImpl& pipe,
-        const std::vector<torch::Tensor>& inputs,
+        const std::vector<detail::Bundle>& inputs,
         std::shared_ptr<detail::PipeCall> call,
         bool needs_graph)
         : pipe_(pipe),
@@ -634,24 +734,23 @@ class GPipeImpl : public torch::nn::Module {
           needs_graph_(needs_graph),
           m_(static_cast<int64_t>(inputs.size())) {}
 
-    torch::Tensor input(int64_t i) override {
-      return pipe_.receive(inputs_[static_cast<size_t>(i)], i, 0);
+    detail::Bundle input(int64_t i) override {
+      return pipe_.receive_all(inputs_[static_cast<size_t>(i)], i, 0);
     }
-    torch::Tensor move(
-        const torch::Tensor& x,
+    detail::Bundle move(
+        detail::Bundle x,
         int64_t s,
         int64_t i,
         detail::Direction /*direction: forward only*/) override {
-      return pipe_.receive(x, i, s);
+      return pipe_.receive_all(x, i, s);
     }
-    torch::Tensor forward(int64_t s, int64_t i, const torch::Tensor& x)
-        override {
+    detail::Bundle forward(int64_t s, int64_t i, detail::Bundle x) override {
       return pipe_.run_cell(i, s, m_, x, call_, needs_graph_);
     }
-    torch::Tensor backward(
+    detail::Bundle backward(
         int64_t s,
         int64_t i,
-        const torch::Tensor& /*grad_output*/,
+        detail::Bundle /*grad_outputs*/,
         bool /*input_only*/) override {
       TORCH_CHECK(
           false,
@@ -668,7 +767,7 @@ class GPipeImpl : public torch::nn::Module {
 
    private:
     GPipeImpl& pipe_;
-    const std::vector<torch::Tensor>& inputs_;
+    const std::vector<detail::Bundle>& inputs_;
     std::shared_ptr<detail::PipeCall> call_;
     bool needs_graph_;
     int64_t m_;
@@ -682,7 +781,7 @@ class GPipeImpl : public torch::nn::Module {
    public:
     StepRunner(
         GPipeImpl& pipe,
-        const std::vector<torch::Tensor>& inputs,
+        const std::vector<detail::Bundle>& inputs,
         std::vector<torch::Tensor> targets,
         const LossFunction& loss_fn,
         double batch,
@@ -702,38 +801,45 @@ class GPipeImpl : public torch::nn::Module {
               static_cast<size_t>(n_),
               std::vector<c10::intrusive_ptr<detail::StageState>>(
                   static_cast<size_t>(m_))),
+          input_counts_(
+              static_cast<size_t>(n_),
+              std::vector<size_t>(static_cast<size_t>(m_))),
           first_inputs_(inputs.size()),
           last_outputs_(inputs.size()),
           losses_(inputs.size()) {}
 
-    torch::Tensor input(int64_t i) override {
+    detail::Bundle input(int64_t i) override {
       auto& x = first_inputs_[static_cast<size_t>(i)];
-      x = pipe_.receive(inputs_[static_cast<size_t>(i)], i, 0);
+      x = pipe_.receive_all(inputs_[static_cast<size_t>(i)], i, 0);
       return x;
     }
 
-    torch::Tensor move(
-        const torch::Tensor& x,
+    detail::Bundle move(
+        detail::Bundle x,
         int64_t s,
         int64_t i,
         detail::Direction direction) override {
       if (direction == detail::Direction::Backward) {
-        return pipe_.receive_gradient(x, i, s);
+        torch::NoGradGuard no_grad;
+        return pipe_.receive_all(x, i, s);
       }
-      torch::Tensor moved;
+      detail::Bundle moved;
       {
         torch::NoGradGuard no_grad;
-        moved = pipe_.receive(x, i, s);
+        moved = pipe_.receive_all(x, i, s);
       }
       // A fresh leaf per cell: each cell's graph is differentiated alone.
-      return moved.detach().requires_grad_(x.requires_grad());
+      for (size_t k = 0; k < moved.size(); ++k) {
+        moved[k] = moved[k].detach().requires_grad_(x[k].requires_grad());
+      }
+      return moved;
     }
 
-    torch::Tensor forward(int64_t s, int64_t i, const torch::Tensor& x)
-        override {
+    detail::Bundle forward(int64_t s, int64_t i, detail::Bundle x) override {
       const auto ss = static_cast<size_t>(s);
       const auto ii = static_cast<size_t>(i);
-      torch::Tensor out;
+      input_counts_[ss][ii] = x.size();
+      detail::Bundle out;
       if (!needs_graph_) {
         out = pipe_.run_cell(i, s, m_, x, call_, /*needs_graph=*/false);
       } else {
@@ -741,16 +847,25 @@ class GPipeImpl : public torch::nn::Module {
         out = detail::with_cell_context(
             {i, s}, "forward", [&] { return state->forward(x); });
         pipe_.check_batch_kept(i, s, x, out, *call_);
-        if (state->output_requires_grad) {
-          out.requires_grad_(true);
+        for (size_t k = 0; k < out.size(); ++k) {
+          if (state->outputs_require_grad[k]) {
+            out[k].requires_grad_(true);
+          }
         }
         states_[ss][ii] = std::move(state);
       }
       if (s < n_ - 1) {
         return out;
       }
+      TORCH_CHECK(
+          out.size() == 1 && call_->output_is_list[ss].load() != 1,
+          "gpipe: step applies loss_fn to the last layer's output, which "
+          "must be one tensor, but it returned a list of ",
+          out.size(),
+          " (call forward<std::vector<torch::Tensor>> and backward instead)");
+      const torch::Tensor& output = out.front();
       torch::Tensor loss = detail::with_cell_context({i, s}, "loss_fn", [&] {
-        return loss_fn_(out, pipe_.receive(targets_[ii], i, s));
+        return loss_fn_(output, pipe_.receive(targets_[ii], i, s));
       });
       TORCH_CHECK(
           loss.numel() == 1,
@@ -768,44 +883,43 @@ class GPipeImpl : public torch::nn::Module {
           "not require grad and does not have a grad_fn); check that ",
           "loss_fn and the last layers do not detach their output");
       if (pipe_.options.loss_reduction() == Reduction::Mean) {
-        loss = loss * (static_cast<double>(out.size(0)) / batch_);
+        loss = loss * (static_cast<double>(output.size(0)) / batch_);
       }
       losses_[ii] = loss.reshape({});
       loss_values[ii] = losses_[ii].detach();
-      last_outputs_[ii] = out;
-      return torch::Tensor(); // nothing travels on
+      last_outputs_[ii] = output;
+      return detail::Bundle(); // nothing travels on
     }
 
-    torch::Tensor backward(
+    detail::Bundle backward(
         int64_t s,
         int64_t i,
-        const torch::Tensor& grad_output,
+        detail::Bundle grad_outputs,
         bool input_only) override {
       const auto ss = static_cast<size_t>(s);
       const auto ii = static_cast<size_t>(i);
-      torch::Tensor grad = grad_output;
       if (s == n_ - 1) {
         detail::with_cell_context({i, s}, "backward", [&] {
           torch::autograd::backward({std::exchange(losses_[ii], {})});
         });
         auto out = std::exchange(last_outputs_[ii], {});
-        grad = out.requires_grad() ? out.grad() : torch::Tensor();
+        grad_outputs = {out.requires_grad() ? out.grad() : torch::Tensor()};
       }
       auto state = states_[ss][ii];
       if (!input_only) {
         states_[ss][ii].reset(); // B frees the cell's graph when done
       }
-      torch::Tensor grad_input;
+      detail::Bundle grad_inputs(input_counts_[ss][ii]);
       if (state) {
-        grad_input = detail::with_cell_context(
+        grad_inputs = detail::with_cell_context(
             {i, s}, input_only ? "backward_input" : "backward", [&] {
               try {
-                return input_only ? state->backward_input(grad)
+                return input_only ? state->backward_input(grad_outputs)
                                   : state->backward(
-                                        grad,
+                                        grad_outputs,
                                         /*extra_inputs=*/0,
                                         /*keep_graph=*/false,
-                                        /*graph_task_runs_all=*/true)[0];
+                                        /*graph_task_runs_all=*/true);
               } catch (...) {
                 state->release();
                 throw;
@@ -813,13 +927,21 @@ class GPipeImpl : public torch::nn::Module {
             });
       }
       if (s > 0) {
-        return grad_input;
+        return grad_inputs;
       }
       auto x = std::exchange(first_inputs_[ii], {});
-      if (grad_input.defined() && x.requires_grad()) {
-        torch::autograd::backward({x}, {grad_input});
+      std::vector<torch::Tensor> roots;
+      std::vector<torch::Tensor> grads;
+      for (size_t k = 0; k < x.size() && k < grad_inputs.size(); ++k) {
+        if (grad_inputs[k].defined() && x[k].requires_grad()) {
+          roots.push_back(x[k]);
+          grads.push_back(grad_inputs[k]);
+        }
       }
-      return torch::Tensor();
+      if (!roots.empty()) {
+        torch::autograd::backward(roots, grads);
+      }
+      return detail::Bundle();
     }
 
     void backward_weight(int64_t s, int64_t i) override {
@@ -842,7 +964,7 @@ class GPipeImpl : public torch::nn::Module {
 
    private:
     GPipeImpl& pipe_;
-    const std::vector<torch::Tensor>& inputs_;
+    const std::vector<detail::Bundle>& inputs_;
     std::vector<torch::Tensor> targets_;
     const LossFunction& loss_fn_;
     double batch_;
@@ -852,7 +974,8 @@ class GPipeImpl : public torch::nn::Module {
     int64_t n_;
     // Per [stage][micro-batch]: the cell, from its F to its B (or W).
     std::vector<std::vector<c10::intrusive_ptr<detail::StageState>>> states_;
-    std::vector<torch::Tensor> first_inputs_; // for the input's gradient
+    std::vector<std::vector<size_t>> input_counts_;
+    std::vector<detail::Bundle> first_inputs_; // for the inputs' gradients
     std::vector<torch::Tensor> last_outputs_; // the losses' leaves
     std::vector<torch::Tensor> losses_;
   };
@@ -870,7 +993,7 @@ class GPipeImpl : public torch::nn::Module {
   }
 
   /// Runs `program` on the lanes (Note [A failed lane stops every lane]).
-  std::vector<torch::Tensor> execute(
+  std::vector<detail::Bundle> execute(
       const Program& program,
       detail::StageRunner& runner) {
     const detail::CallerContext caller = capture_caller_context();
@@ -886,7 +1009,11 @@ class GPipeImpl : public torch::nn::Module {
       }
       tasks.push_back(detail::DeviceTask{worker, lane_devices_[lane], {}});
     }
-    detail::Executor executor(program, runner, transport);
+    detail::Executor executor(
+        program,
+        runner,
+        transport,
+        skip_layout_.empty() ? nullptr : &skip_channels_);
     return executor.run(std::move(tasks), caller);
   }
 
@@ -911,13 +1038,15 @@ class GPipeImpl : public torch::nn::Module {
     });
   }
 
-  /// A gradient moved back to partition j's device (a recorded copy).
-  torch::Tensor receive_gradient(
-      const torch::Tensor& grad,
-      int64_t i,
-      int64_t j) {
-    torch::NoGradGuard no_grad;
-    return receive(grad, i, j);
+  /// Every tensor of `x` moved to partition j's device (undefined ones
+  /// stay undefined).
+  detail::Bundle receive_all(const detail::Bundle& x, int64_t i, int64_t j) {
+    detail::Bundle moved;
+    moved.reserve(x.size());
+    for (const auto& t : x) {
+      moved.push_back(t.defined() ? receive(t, i, j) : t);
+    }
+    return moved;
   }
 
   c10::intrusive_ptr<detail::StageState> make_state(
@@ -926,6 +1055,8 @@ class GPipeImpl : public torch::nn::Module {
       int64_t m,
       const std::shared_ptr<detail::PipeCall>& call) {
     const auto jj = static_cast<size_t>(j);
+    const bool input_is_list =
+        j == 0 ? call->input_is_list : call->output_is_list[jj - 1].load() == 1;
     return c10::make_intrusive<detail::StageState>(
         partitions_[jj],
         detail::CellIndex{i, j},
@@ -934,46 +1065,59 @@ class GPipeImpl : public torch::nn::Module {
         checkpointed(i, m),
         call,
         traits_[jj].get(),
-        timeline_);
+        timeline_,
+        input_is_list,
+        skip_layout_.empty() ? nullptr : &skip_layout_.partitions[jj]);
   }
 
+  /// Under micro-batching every tensor partition j hands on keeps the
+  /// batch in dimension 0 (its skips travel per micro-batch and need not).
   void check_batch_kept(
       int64_t i,
       int64_t j,
-      const torch::Tensor& x,
-      const torch::Tensor& out,
+      const detail::Bundle& x,
+      const detail::Bundle& out,
       const detail::PipeCall& call) const {
-    TORCH_CHECK(
-        !call.split || (out.dim() >= 1 && out.size(0) == x.size(0)),
-        "gpipe: partition ",
-        j,
-        " changed the batch dimension on micro-batch ",
-        i,
-        " (input shape: ",
-        x.sizes(),
-        ", output shape: ",
-        out.sizes(),
-        "); under micro-batching every partition must keep the batch in "
-        "dimension 0, so layers that reduce over the batch (sum(0), a mean "
-        "of everything, statistics by hand) belong after the pipe, on its "
-        "output");
+    if (!call.split) {
+      return;
+    }
+    const auto jj = static_cast<size_t>(j);
+    const size_t skips =
+        skip_layout_.empty() ? 0 : skip_layout_.partitions[jj].outgoing.size();
+    const int64_t batch = x.front().size(0);
+    for (size_t k = 0; k + skips < out.size(); ++k) {
+      TORCH_CHECK(
+          out[k].dim() >= 1 && out[k].size(0) == batch,
+          "gpipe: partition ",
+          j,
+          " changed the batch dimension on micro-batch ",
+          i,
+          " (input shape: ",
+          x.front().sizes(),
+          ", output shape: ",
+          out[k].sizes(),
+          out.size() - skips > 1 ? ", output " + std::to_string(k) : "",
+          "); under micro-batching every partition must keep the batch in "
+          "dimension 0, so layers that reduce over the batch (sum(0), a mean "
+          "of everything, statistics by hand) belong after the pipe, on its "
+          "output");
+    }
   }
 
   /// Partition j applied to micro-batch i (of m) as one autograd node
   /// (Note [A cell is one autograd node]), or plainly when no gradient can
   /// flow through it.
-  torch::Tensor run_cell(
+  detail::Bundle run_cell(
       int64_t i,
       int64_t j,
       int64_t m,
-      const torch::Tensor& x,
+      const detail::Bundle& x,
       const std::shared_ptr<detail::PipeCall>& call,
       bool needs_graph) {
-    const auto jj = static_cast<size_t>(j);
-    const auto& device = options.devices()[jj];
-    auto partition = partitions_[jj]; // forward() is non-const
+    const auto& device = options.devices()[static_cast<size_t>(j)];
     const detail::CellIndex cell{i, j};
-    torch::Tensor out;
+    auto state = make_state(i, j, m, call);
+    detail::Bundle out;
     if (!needs_graph) {
       detail::TimelineScope recording(
           timeline_.get(), j, i, Phase::Forward, device);
@@ -984,14 +1128,13 @@ class GPipeImpl : public torch::nn::Module {
         observing.emplace(observer);
       }
       out = detail::with_cell_context(
-          cell, "forward", [&] { return partition->forward(x); });
+          cell, "forward", [&] { return state->run_partition(x); });
     } else {
-      auto state = make_state(i, j, m, call);
       out = detail::with_cell_context(cell, "forward", [&] {
-        // As a TensorList: apply() finds the tensors that require grad among
+        // As TensorLists: apply() finds the tensors that require grad among
         // arguments of that type only, not in a std::vector.
         return detail::StageFunction::apply(
-            state, x, at::TensorList(call->parameters))[0];
+            state, at::TensorList(x), at::TensorList(call->parameters));
       });
     }
     check_batch_kept(i, j, x, out, *call);
@@ -1017,6 +1160,8 @@ class GPipeImpl : public torch::nn::Module {
   GPipeOptions built_{1}; // the structure as built
   std::vector<torch::nn::Sequential> partitions_;
   std::vector<std::unique_ptr<detail::PartitionTraits>> traits_;
+  detail::SkipLayout skip_layout_;
+  detail::SkipChannels skip_channels_; // the routes, for the executor
   /// Per parameter: the one lane whose partitions register it, or -1.
   std::unordered_map<const c10::TensorImpl*, int64_t> owner_lane_;
   // Validated programs, per (schedule, m) and per m for forward().
@@ -1036,6 +1181,16 @@ template <typename SequentialT>
 class GPipe : public torch::nn::ModuleHolder<GPipeImpl<SequentialT>> {
  public:
   using torch::nn::ModuleHolder<GPipeImpl<SequentialT>>::ModuleHolder;
+
+  /// `pipe(x)` calls `forward(x)`. Defined here because ModuleHolder's own
+  /// cannot see through a templated forward.
+  template <typename Input>
+  torch::Tensor operator()(const Input& input) {
+    return this->get()->forward(input);
+  }
+  torch::Tensor operator()(std::initializer_list<torch::Tensor> inputs) {
+    return this->get()->forward(inputs);
+  }
 };
 
 } // namespace gpipe

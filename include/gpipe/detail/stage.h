@@ -44,18 +44,23 @@
 // device cannot deadlock.
 #pragma once
 
+#include <gpipe/detail/bundle.h>
 #include <gpipe/detail/observer.h>
+#include <gpipe/detail/skip_layout.h>
 #include <gpipe/recompute.h>
+#include <gpipe/skip.h>
 #include <gpipe/timeline.h>
 
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -192,9 +197,14 @@ struct PipeCall {
   /// More than one micro-batch: every partition must keep the batch in
   /// dimension 0.
   bool split = false;
-  /// Per partition: whether its output requires grad, learned from its first
-  /// cell of the call (-1 not yet).
-  std::vector<int> output_requires_grad;
+  /// Per partition: which of its outputs require grad, learned from its
+  /// first cell of the call (empty: not yet).
+  std::vector<std::vector<char>> outputs_require_grad;
+  /// Whether the pipe's input is a list (else one tensor), and per
+  /// partition whether its output is (-1: not yet known), learned from its
+  /// first cell of the call: the next partition's first layer takes that.
+  bool input_is_list = false;
+  std::unique_ptr<std::atomic<int>[]> output_is_list;
 };
 
 /// Every buffer of a module tree as it is now, put back when the guard
@@ -307,34 +317,54 @@ struct InPlaceableInput : torch::autograd::Function<InPlaceableInput> {
   }
 };
 
-/// The leaves (tensors with an AccumulateGrad) that a backward from `output`
+/// The edge a backward from `tensor` starts at: its grad_fn, or its
+/// accumulator for a leaf. Invalid when it does not require grad.
+inline torch::autograd::Edge root_edge(const torch::Tensor& tensor) {
+  if (!tensor.defined() || !tensor.requires_grad()) {
+    return {};
+  }
+  return torch::autograd::impl::gradient_edge(tensor);
+}
+
+/// The edge whose gradient a backward is asked for, as
+/// `torch::autograd::grad` builds it.
+inline torch::autograd::Edge wanted_edge(const torch::Tensor& tensor) {
+  auto grad_fn = tensor.grad_fn();
+  if (!grad_fn) {
+    grad_fn = torch::autograd::impl::try_get_grad_accumulator(tensor);
+  }
+  if (!grad_fn) {
+    return {std::make_shared<torch::autograd::Identity>(), 0};
+  }
+  return {std::move(grad_fn), static_cast<uint32_t>(tensor.output_nr())};
+}
+
+/// The leaves (tensors with an AccumulateGrad) that a backward from `roots`
 /// reaches.
 inline std::vector<torch::Tensor> reachable_leaves(
-    const torch::Tensor& output) {
+    const torch::autograd::edge_list& roots) {
   std::vector<torch::Tensor> leaves;
-  const auto root = output.grad_fn();
-  if (!root) {
-    if (output.requires_grad()) {
-      leaves.push_back(output);
+  std::vector<torch::autograd::Node*> stack;
+  std::unordered_set<torch::autograd::Node*> seen;
+  auto visit = [&](torch::autograd::Node* next) {
+    if (next == nullptr || !seen.insert(next).second) {
+      return;
     }
-    return leaves;
+    if (auto* accumulate =
+            dynamic_cast<torch::autograd::AccumulateGrad*>(next)) {
+      leaves.push_back(accumulate->variable);
+    } else {
+      stack.push_back(next);
+    }
+  };
+  for (const auto& root : roots) {
+    visit(root.function.get());
   }
-  std::vector<torch::autograd::Node*> stack{root.get()};
-  std::unordered_set<torch::autograd::Node*> seen{root.get()};
   while (!stack.empty()) {
     auto* node = stack.back();
     stack.pop_back();
     for (const auto& edge : node->next_edges()) {
-      auto* next = edge.function.get();
-      if (next == nullptr || !seen.insert(next).second) {
-        continue;
-      }
-      if (auto* accumulate =
-              dynamic_cast<torch::autograd::AccumulateGrad*>(next)) {
-        leaves.push_back(accumulate->variable);
-      } else {
-        stack.push_back(next);
-      }
+      visit(edge.function.get());
     }
   }
   return leaves;
@@ -346,6 +376,14 @@ inline bool has_hooks(const torch::Tensor& tensor) {
 }
 
 /// What one cell keeps between its forward and its backward.
+///
+/// A cell's inputs are a bundle (bundle.h): the tensors the previous
+/// partition returned, then the skips it pops that were stashed in earlier
+/// partitions. Its outputs are what its last layer returned, then the skips
+/// it stashes for later partitions (skip_layout.h). The inner graph is kept
+/// from its roots' edges, not from the output tensors, so that an output
+/// no later op saved (a skip tensor, typically) is freed as soon as its
+/// consumer is done with it.
 struct StageState : torch::CustomClassHolder {
   StageState(
       torch::nn::Sequential partition_,
@@ -355,7 +393,9 @@ struct StageState : torch::CustomClassHolder {
       bool checkpointed_,
       std::shared_ptr<PipeCall> call_,
       PartitionTraits* traits_,
-      std::shared_ptr<Timeline> timeline_)
+      std::shared_ptr<Timeline> timeline_,
+      bool input_is_list_ = false,
+      const PartitionSkips* skips_ = nullptr)
       : partition(std::move(partition_)),
         cell(cell_),
         device(device_),
@@ -363,7 +403,9 @@ struct StageState : torch::CustomClassHolder {
         checkpointed(checkpointed_),
         call(std::move(call_)),
         traits(traits_),
-        timeline(std::move(timeline_)) {}
+        timeline(std::move(timeline_)),
+        input_is_list(input_is_list_),
+        skips(skips_) {}
 
   torch::nn::Sequential partition;
   CellIndex cell;
@@ -373,23 +415,41 @@ struct StageState : torch::CustomClassHolder {
   std::shared_ptr<PipeCall> call;
   PartitionTraits* traits; // owned by the pipe, which outlives its graphs
   std::shared_ptr<Timeline> timeline; // null: record nothing
+  /// Whether the partition's first layer takes a list (else one tensor).
+  bool input_is_list;
+  const PartitionSkips* skips; // owned by the pipe; null: none
 
-  bool input_requires_grad = false;
-  bool output_requires_grad = true;
+  std::vector<char> inputs_require_grad;
+  std::vector<char> outputs_require_grad;
   /// Set once a backward without retain_graph has run (or failed).
   bool released = false;
 
-  // Checkpointed: the input, the thread-local state (autocast, ...) and the
+  // Checkpointed: the inputs, the thread-local state (autocast, ...) and the
   // random draws of forward, for the recompute. Not checkpointed: the inner
-  // graph, from `leaf` (a detached alias of the input) to `output`.
-  torch::Tensor input;
+  // graph, from `leaves` (detached aliases of the inputs) to `roots` (the
+  // outputs' edges).
+  Bundle inputs;
   std::optional<at::ThreadLocalState> forward_state;
   RandomDraws draws;
-  torch::Tensor leaf;
-  torch::Tensor output;
+  Bundle leaves;
+  torch::autograd::edge_list roots;
 
-  /// Set by each run of the partition: whether it wrote into its input.
+  /// Set by each run of the partition: whether it wrote into an input.
   bool wrote_input = false;
+
+  bool any_input_requires_grad() const {
+    return std::any_of(
+        inputs_require_grad.begin(), inputs_require_grad.end(), [](char c) {
+          return c != 0;
+        });
+  }
+
+  bool any_output_requires_grad() const {
+    return std::any_of(
+        outputs_require_grad.begin(), outputs_require_grad.end(), [](char c) {
+          return c != 0;
+        });
+  }
 
   /// The tensor a partition runs on: an alias of `x`, so that an in-place
   /// first layer writes where plain training would. Partition 0's inputs
@@ -402,15 +462,136 @@ struct StageState : torch::CustomClassHolder {
     return cell.partition == 0 ? x.variable_data() : x.detach();
   }
 
-  /// Runs the partition on a leaf alias of `x`, with a graph from the leaf.
-  void build_graph(const torch::Tensor& x) {
+  /// Every micro-batch of a partition returns as many tensors.
+  void check_output_count(const std::vector<char>& known, size_t count) const {
+    TORCH_CHECK(
+        known.empty() || known.size() == count,
+        "gpipe: ",
+        where(),
+        " returned ",
+        count,
+        " tensors, but ",
+        known.size(),
+        " on an earlier micro-batch; a pipe gathers the micro-batches' ",
+        "outputs tensor by tensor, so every micro-batch returns as many");
+  }
+
+  std::string where() const {
+    return "partition " + std::to_string(cell.partition) + " on micro-batch " +
+        std::to_string(cell.microbatch);
+  }
+
+  /// The partition's layers applied to `fed` (main inputs, then incoming
+  /// skips); returns its outputs (main, then outgoing skips).
+  Bundle run_partition(const Bundle& fed) {
+    const size_t incoming = skips == nullptr ? 0 : skips->incoming.size();
+    TORCH_INTERNAL_ASSERT(
+        fed.size() > incoming,
+        "gpipe: ",
+        where(),
+        " has no input besides its skips");
+    const size_t main = fed.size() - incoming;
+    SkipFrame frame;
+    frame.where = where();
+    for (size_t k = 0; k < incoming; ++k) {
+      frame.available.emplace(skips->incoming[k], fed[main + k]);
+      frame.versions.emplace(skips->incoming[k], fed[main + k]._version());
+    }
+    Value out;
+    {
+      SkipFrameGuard current(&frame);
+      torch::nn::AnyValue value =
+          any_value_of(Bundle(fed.begin(), fed.begin() + main), input_is_list);
+      for (auto& layer : *partition) {
+        value = layer.any_forward(std::move(value));
+      }
+      out = value_of(std::move(value), where());
+    }
+    const int kind = out.is_list ? 1 : 0;
+    int expected = -1;
+    auto& known_kind =
+        call->output_is_list[static_cast<size_t>(cell.partition)];
+    if (!known_kind.compare_exchange_strong(expected, kind)) {
+      TORCH_CHECK(
+          expected == kind,
+          "gpipe: ",
+          where(),
+          " returned ",
+          out.is_list ? "a list of tensors" : "one tensor",
+          " but ",
+          expected == 1 ? "a list" : "one tensor",
+          " before; a pipe needs every micro-batch to return the same kind");
+    }
+    for (size_t k = 0; k < out.tensors.size(); ++k) {
+      TORCH_CHECK(
+          out.tensors[k].defined(),
+          "gpipe: ",
+          where(),
+          " returned an undefined tensor (output ",
+          k,
+          ")");
+    }
+    if (skips != nullptr) {
+      for (const auto& name : skips->outgoing) {
+        const auto found = frame.available.find(name);
+        TORCH_CHECK(
+            found != frame.available.end(),
+            "gpipe: skip '",
+            name,
+            "' was not stashed in ",
+            where(),
+            ", although a layer there declares it (a declared stash must ",
+            "happen on every micro-batch)");
+        out.tensors.push_back(std::move(found->second));
+        frame.available.erase(found);
+      }
+    }
+    if (!frame.available.empty()) {
+      std::vector<std::string> left;
+      for (const auto& entry : frame.available) {
+        left.push_back("'" + entry.first + "'");
+      }
+      TORCH_CHECK(
+          false,
+          "gpipe: skip ",
+          c10::Join(", ", left),
+          " was not popped in ",
+          where(),
+          ", although a layer there declares it (a declared pop must ",
+          "happen on every micro-batch)");
+    }
+    return std::move(out.tensors);
+  }
+
+  /// Runs the partition on leaf aliases of `x`, with a graph from the leaves.
+  void build_graph(const Bundle& x) {
     torch::AutoGradMode enable_grad(true);
-    leaf = alias_of_input(x).requires_grad_(input_requires_grad);
-    const auto version = leaf._version();
-    const torch::Tensor fed =
-        input_requires_grad ? InPlaceableInput::apply(leaf)[0] : leaf;
-    output = partition->forward(fed);
-    wrote_input = leaf._version() != version;
+    leaves.clear();
+    Bundle fed;
+    std::vector<int64_t> versions;
+    for (size_t k = 0; k < x.size(); ++k) {
+      const bool wants_grad = inputs_require_grad[k] != 0;
+      leaves.push_back(alias_of_input(x[k]).requires_grad_(wants_grad));
+      versions.push_back(leaves.back()._version());
+      fed.push_back(
+          wants_grad ? InPlaceableInput::apply(leaves.back())[0]
+                     : leaves.back());
+    }
+    const Bundle outputs = run_partition(fed);
+    wrote_input = false;
+    for (size_t k = 0; k < x.size(); ++k) {
+      wrote_input = wrote_input || leaves[k]._version() != versions[k];
+    }
+    roots.clear();
+    outputs_require_grad.clear();
+    for (const auto& output : outputs) {
+      roots.push_back(root_edge(output));
+      outputs_require_grad.push_back(roots.back().is_valid() ? 1 : 0);
+    }
+    detached_outputs.clear();
+    for (const auto& output : outputs) {
+      detached_outputs.push_back(output.detach());
+    }
   }
 
   TimelineScope scope(Phase phase) const {
@@ -418,9 +599,13 @@ struct StageState : torch::CustomClassHolder {
         timeline.get(), cell.partition, cell.microbatch, phase, device);
   }
 
-  torch::Tensor forward(const torch::Tensor& x) {
+  /// Runs the cell; returns its outputs, detached.
+  Bundle forward(const Bundle& x) {
     TimelineScope recording = scope(Phase::Forward);
-    input_requires_grad = x.requires_grad();
+    inputs_require_grad.clear();
+    for (const auto& t : x) {
+      inputs_require_grad.push_back(t.requires_grad() ? 1 : 0);
+    }
     if (checkpointed) {
       forward_state.emplace(); // before the observer joins the thread
     }
@@ -439,34 +624,46 @@ struct StageState : torch::CustomClassHolder {
     const RecomputeFlagGuard checkpointing(
         &RecomputeFlags::checkpointing, checkpointed);
     auto& known =
-        call->output_requires_grad[static_cast<size_t>(cell.partition)];
+        call->outputs_require_grad[static_cast<size_t>(cell.partition)];
     if (!checkpointed) {
       build_graph(x);
-      output_requires_grad = output.requires_grad();
-      known = output_requires_grad ? 1 : 0;
-      return output.detach();
+      check_output_count(known, outputs_require_grad.size());
+      known = outputs_require_grad;
+      return std::exchange(detached_outputs, {});
     }
-    // Checkpointed: keep the input as forward saw it. A partition that
+    // Checkpointed: keep the inputs as forward saw them. A partition that
     // writes into its input (or might: the first time) keeps a copy.
     const int mutates = traits->mutates_input.load();
-    input = mutates != 0 ? x.detach().clone() : x.detach();
-    torch::Tensor out;
-    if (known < 0) {
-      // The first cell of the partition in this call learns whether the
-      // output requires grad (a layer may detach it), with a graph it drops.
+    inputs.clear();
+    for (const auto& t : x) {
+      inputs.push_back(mutates != 0 ? t.detach().clone() : t.detach());
+    }
+    Bundle out;
+    if (known.empty()) {
+      // The first cell of the partition in this call learns which outputs
+      // require grad (a layer may detach one), with a graph it drops.
       build_graph(x);
-      known = output.requires_grad() ? 1 : 0;
-      out = output.detach();
-      leaf.reset();
-      output.reset();
+      known = outputs_require_grad;
+      out = std::exchange(detached_outputs, {});
+      release_graph();
     } else {
       torch::NoGradGuard no_grad;
-      const auto fed = alias_of_input(x);
-      const auto version = fed._version();
-      out = partition->forward(fed).detach();
-      wrote_input = fed._version() != version;
+      Bundle fed;
+      std::vector<int64_t> versions;
+      for (const auto& t : x) {
+        fed.push_back(alias_of_input(t));
+        versions.push_back(fed.back()._version());
+      }
+      for (auto& t : run_partition(fed)) {
+        out.push_back(t.detach());
+      }
+      wrote_input = false;
+      for (size_t k = 0; k < fed.size(); ++k) {
+        wrote_input = wrote_input || fed[k]._version() != versions[k];
+      }
+      check_output_count(known, out.size());
     }
-    output_requires_grad = known == 1;
+    outputs_require_grad = known;
     if (mutates < 0) {
       traits->mutates_input.store(wrote_input ? 1 : 0);
     } else if (mutates == 0 && wrote_input) {
@@ -496,10 +693,12 @@ struct StageState : torch::CustomClassHolder {
     observer.device = device;
     observer.lock_draws = call->lock_random_draws;
     observer.draws = &draws;
+    const auto known = outputs_require_grad;
     {
       ObserverScope observing(observer);
       const RecomputeFlagGuard recomputing(&RecomputeFlags::recomputing, true);
-      build_graph(input);
+      build_graph(inputs);
+      detached_outputs.clear();
     }
     TORCH_CHECK(
         observer.finished_replay(),
@@ -511,12 +710,21 @@ struct StageState : torch::CustomClassHolder {
         draws.before.size(),
         " random operators in forward); randomness that depends on the data ",
         "cannot be checkpointed: use Checkpoint::Never");
+    TORCH_CHECK(
+        roots.size() == known.size(),
+        "gpipe: ",
+        where(),
+        " returned ",
+        roots.size(),
+        " tensors in its recompute but ",
+        known.size(),
+        " in its forward");
   }
 
-  /// Gradients for [input, extra node inputs...]; undefined where there is
-  /// none (Note [Where parameter gradients go]).
-  std::vector<torch::Tensor> backward(
-      const torch::Tensor& grad_output,
+  /// Gradients for [inputs..., extra node inputs...]; undefined where there
+  /// is none (Note [Where parameter gradients go]).
+  Bundle backward(
+      const Bundle& grad_outputs,
       size_t extra_inputs,
       bool keep_graph,
       bool graph_task_runs_all) {
@@ -525,14 +733,13 @@ struct StageState : torch::CustomClassHolder {
       recompute();
     }
     TimelineScope recording = scope(Phase::Backward);
-    std::vector<torch::Tensor> grads(1 + extra_inputs);
-    if (grad_output.defined() && output.requires_grad()) {
+    Bundle grads(inputs_require_grad.size() + extra_inputs);
+    if (has_work(grad_outputs)) {
       const bool retain_graph = keep_graph && !checkpointed;
-      differentiate(grad_output, retain_graph, graph_task_runs_all, grads);
+      differentiate(grad_outputs, retain_graph, graph_task_runs_all, grads);
     }
     if (checkpointed || !keep_graph) {
-      leaf.reset();
-      output.reset();
+      release_graph();
     }
     if (!keep_graph) {
       release();
@@ -540,46 +747,48 @@ struct StageState : torch::CustomClassHolder {
     return grads;
   }
 
-  /// I of a zero-bubble schedule: the gradient of the input only, leaving
+  /// I of a zero-bubble schedule: the gradients of the inputs only, leaving
   /// the parameter gradients to `backward_weight` (Note [Splitting a
   /// backward into I and W]). Under `step()` only.
-  torch::Tensor backward_input(const torch::Tensor& grad_output) {
+  Bundle backward_input(const Bundle& grad_outputs) {
     check_not_released();
     if (checkpointed) {
       recompute();
     }
     TimelineScope recording = scope(Phase::BackwardInput);
     weight_pending = true;
-    std::vector<torch::Tensor> grads(1);
-    if (!grad_output.defined() || !output.requires_grad()) {
-      return torch::Tensor();
+    Bundle grads(inputs_require_grad.size());
+    if (!has_work(grad_outputs)) {
+      return grads;
     }
     Plan plan = classify(/*graph_task_runs_all=*/true);
     if (plan.wrt.empty()) {
-      return torch::Tensor();
+      return grads;
     }
     auto groups = weight_groups(plan);
     if (!groups) {
       // No clean split (a weight used twice, or no input to differentiate):
       // I does all of it, W nothing.
-      differentiate_with(plan, grad_output, /*retain_graph=*/false, grads);
+      differentiate_with(plan, grad_outputs, /*retain_graph=*/false, grads);
       release_graph();
-      return grads[0];
+      return grads;
     }
     std::vector<std::pair<torch::autograd::Node*, FunctionPreHookHandle>> hooks;
     for (auto& group : *groups) {
       hooks.emplace_back(
           group.node.get(), add_capture_hook(*group.node, &group.grads));
     }
-    std::vector<torch::Tensor> computed;
+    Plan inputs_only;
+    for (size_t k = 0; k < plan.wrt.size(); ++k) {
+      if (plan.where[k].first == Goes::Input) {
+        inputs_only.wrt.push_back(plan.wrt[k]);
+        inputs_only.where.push_back(plan.where[k]);
+      }
+    }
+    inputs_only.only_in_place = false;
     try {
-      computed = torch::autograd::grad(
-          {output},
-          {leaf},
-          {grad_output},
-          /*retain_graph=*/true,
-          /*create_graph=*/false,
-          /*allow_unused=*/true);
+      differentiate_with(
+          inputs_only, grad_outputs, /*retain_graph=*/true, grads);
     } catch (...) {
       remove_capture_hooks(hooks);
       throw;
@@ -587,7 +796,8 @@ struct StageState : torch::CustomClassHolder {
     remove_capture_hooks(hooks);
     pending_plan = std::move(plan);
     pending_groups = std::move(*groups);
-    return computed[0];
+    release_inputs_for_weight();
+    return grads;
   }
 
   /// W: the parameter gradients `backward_input` left, from the gradients
@@ -609,15 +819,15 @@ struct StageState : torch::CustomClassHolder {
         HooksParkedGuard parked(pending_plan.hooked);
         auto& engine = torch::autograd::Engine::get_default_engine();
         for (auto& group : pending_groups) {
-          torch::autograd::edge_list roots;
+          torch::autograd::edge_list group_roots;
           torch::autograd::variable_list root_grads;
           for (size_t k = 0; k < group.grads.size(); ++k) {
             if (group.grads[k].defined()) {
-              roots.emplace_back(group.node, static_cast<uint32_t>(k));
+              group_roots.emplace_back(group.node, static_cast<uint32_t>(k));
               root_grads.push_back(std::move(group.grads[k]));
             }
           }
-          if (roots.empty()) {
+          if (group_roots.empty()) {
             continue;
           }
           torch::autograd::edge_list outputs;
@@ -628,7 +838,7 @@ struct StageState : torch::CustomClassHolder {
                 0);
           }
           auto values = engine.execute(
-              roots,
+              group_roots,
               root_grads,
               /*keep_graph=*/true,
               /*create_graph=*/false,
@@ -639,7 +849,7 @@ struct StageState : torch::CustomClassHolder {
           }
         }
       }
-      std::vector<torch::Tensor> grads(1);
+      Bundle grads(inputs_require_grad.size());
       route(pending_plan, computed, grads);
     }
     release();
@@ -648,7 +858,7 @@ struct StageState : torch::CustomClassHolder {
   /// Drops everything kept for backward.
   void release() {
     release_graph();
-    input.reset();
+    inputs.clear();
     forward_state.reset();
     draws.before.clear();
     pending_groups.clear();
@@ -666,23 +876,25 @@ struct StageState : torch::CustomClassHolder {
  private:
   // Note [Splitting a backward into I and W]
   // A zero-bubble schedule runs a cell's backward in two parts: I, the
-  // gradient of the input (which the previous stage waits for), and later W,
-  // the parameter gradients (which nobody waits for). W must not redo I's
-  // work. The graph says where the two separate: a node on the input's path
-  // (one from which the input is reachable) with an edge off that path
-  // towards parameters (Linear's addmm: its mat2 edge leads to the weight) is
-  // an "intermediate". I differentiates the input alone, so the engine skips
-  // every edge that does not lead to the input (an autograd node computes
-  // only the outputs its graph task needs), and a pre-hook captures the
-  // gradient each intermediate receives. W then starts the engine at each
-  // intermediate with its captured gradient, asking only for the parameters
-  // behind it: the edges back towards the input are not needed, so nothing
-  // of I runs again. The split needs every parameter behind exactly one
-  // intermediate; a weight used twice in one partition (two intermediates)
-  // makes I do the whole backward and W nothing, which is still correct.
+  // gradients of the inputs (which the previous stage waits for), and later
+  // W, the parameter gradients (which nobody waits for). W must not redo
+  // I's work. The graph says where the two separate: a node on an input's
+  // path (one from which an input is reachable) with an edge off that path
+  // towards parameters (Linear's addmm: its mat2 edge leads to the weight)
+  // is an "intermediate". I differentiates the inputs alone, so the engine
+  // skips every edge that does not lead to an input (an autograd node
+  // computes only the outputs its graph task needs), and a pre-hook
+  // captures the gradient each intermediate receives. W then starts the
+  // engine at each intermediate with its captured gradient, asking only for
+  // the parameters behind it: the edges back towards the inputs are not
+  // needed, so nothing of I runs again. The split needs every parameter
+  // behind exactly one intermediate; a weight used twice in one partition
+  // (two intermediates) makes I do the whole backward and W nothing, which
+  // is still correct.
 
   /// Where the gradients of one inner backward go
-  /// (Note [Where parameter gradients go]).
+  /// (Note [Where parameter gradients go]). For Input, the index of the
+  /// input; for Slot and Lane, the parameter's slot.
   enum class Goes { Input, InPlace, Slot, Lane };
   struct Plan {
     std::vector<torch::Tensor> wrt;
@@ -736,24 +948,57 @@ struct StageState : torch::CustomClassHolder {
     }
   }
 
+  /// Whether a backward has anything to do: a defined gradient for an
+  /// output that requires grad.
+  bool has_work(const Bundle& grad_outputs) const {
+    for (size_t k = 0; k < grad_outputs.size() && k < roots.size(); ++k) {
+      if (grad_outputs[k].defined() && roots[k].is_valid()) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /// The roots with a gradient, and those gradients.
+  std::pair<torch::autograd::edge_list, torch::autograd::variable_list> rooted(
+      const Bundle& grad_outputs) const {
+    torch::autograd::edge_list edges;
+    torch::autograd::variable_list grads;
+    for (size_t k = 0; k < grad_outputs.size() && k < roots.size(); ++k) {
+      if (grad_outputs[k].defined() && roots[k].is_valid()) {
+        edges.push_back(roots[k]);
+        grads.push_back(grad_outputs[k]);
+      }
+    }
+    return {std::move(edges), std::move(grads)};
+  }
+
   /// The intermediates of `plan`'s parameters, or nothing when the split is
   /// not clean (Note [Splitting a backward into I and W]).
   std::optional<std::vector<WeightGroup>> weight_groups(const Plan& plan) {
-    if (!input_requires_grad || !output.grad_fn()) {
-      return std::nullopt;
-    }
-    const auto target = torch::autograd::impl::try_get_grad_accumulator(leaf);
-    if (!target) {
-      return std::nullopt;
-    }
     using torch::autograd::Node;
+    std::unordered_set<Node*> targets;
+    size_t input_entries = 0;
+    for (size_t k = 0; k < plan.wrt.size(); ++k) {
+      if (plan.where[k].first != Goes::Input) {
+        continue;
+      }
+      ++input_entries;
+      if (auto accumulator =
+              torch::autograd::impl::try_get_grad_accumulator(plan.wrt[k])) {
+        targets.insert(accumulator.get());
+      }
+    }
+    if (targets.empty()) {
+      return std::nullopt;
+    }
     std::unordered_map<Node*, bool> reaches_input;
     std::function<bool(Node*)> reaches = [&](Node* node) {
       const auto found = reaches_input.find(node);
       if (found != reaches_input.end()) {
         return found->second;
       }
-      bool yes = node == target.get();
+      bool yes = targets.count(node) != 0;
       for (const auto& edge : node->next_edges()) {
         if (edge.function && reaches(edge.function.get())) {
           yes = true;
@@ -762,8 +1007,13 @@ struct StageState : torch::CustomClassHolder {
       reaches_input[node] = yes;
       return yes;
     };
-    if (!reaches(output.grad_fn().get())) {
-      return std::nullopt;
+    // Every root must lead to an input: a root off the inputs' paths (a
+    // skip made from parameters alone) would be skipped by I, and W starts
+    // only at intermediates, so its gradient would be lost.
+    for (const auto& root : roots) {
+      if (root.is_valid() && !reaches(root.function.get())) {
+        return std::nullopt;
+      }
     }
     std::unordered_map<Node*, size_t> index_of_leaf; // accumulator -> wrt
     for (size_t k = 0; k < plan.wrt.size(); ++k) {
@@ -814,7 +1064,7 @@ struct StageState : torch::CustomClassHolder {
       std::shared_ptr<Node> shared = node->getptr();
       groups.push_back({std::move(shared), {}, std::move(behind)});
     }
-    if (owner.size() + 1 != plan.wrt.size()) {
+    if (owner.size() + input_entries != plan.wrt.size()) {
       return std::nullopt; // a parameter not behind any intermediate
     }
     return groups;
@@ -833,8 +1083,24 @@ struct StageState : torch::CustomClassHolder {
   }
 
   void release_graph() {
-    leaf.reset();
-    output.reset();
+    leaves.clear();
+    roots.clear();
+  }
+
+  /// After I, W needs only what the graph saved: the inputs kept for the
+  /// recompute and the storage of every input leaf that requires grad go
+  /// now, so that an input nothing saved (a popped skip, typically) is
+  /// freed when I is done, as B would free it. Such a leaf is held only by
+  /// this state and its AccumulateGrad (the graph's ops saw the alias
+  /// InPlaceableInput made, which keeps its own reference), so emptying it
+  /// changes nothing W computes.
+  void release_inputs_for_weight() {
+    inputs.clear();
+    for (size_t k = 0; k < leaves.size(); ++k) {
+      if (inputs_require_grad[k] != 0) {
+        leaves[k].set_data(torch::empty({0}, leaves[k].options()));
+      }
+    }
   }
 
   /// Classifies what the inner backward reaches.
@@ -842,13 +1108,18 @@ struct StageState : torch::CustomClassHolder {
     const bool under_step = call->lane_gradients != nullptr;
     Plan plan;
     plan.only_in_place = graph_task_runs_all;
-    for (auto& reached : reachable_leaves(output)) {
+    for (auto& reached : reachable_leaves(roots)) {
       if (!reached.requires_grad()) {
         continue; // frozen after forward: plain training skips it too
       }
-      if (reached.is_same(leaf)) {
+      const auto input = std::find_if(
+          leaves.begin(), leaves.end(), [&](const torch::Tensor& leaf) {
+            return leaf.is_same(reached);
+          });
+      if (input != leaves.end()) {
         plan.wrt.push_back(reached);
-        plan.where.emplace_back(Goes::Input, 0);
+        plan.where.emplace_back(
+            Goes::Input, static_cast<size_t>(input - leaves.begin()));
         continue;
       }
       const auto found = call->slot_of.find(reached.unsafeGetTensorImpl());
@@ -881,74 +1152,89 @@ struct StageState : torch::CustomClassHolder {
   }
 
   void differentiate(
-      const torch::Tensor& grad_output,
+      const Bundle& grad_outputs,
       bool retain_graph,
       bool graph_task_runs_all,
-      std::vector<torch::Tensor>& grads) {
+      Bundle& grads) {
     const Plan plan = classify(graph_task_runs_all);
     if (!plan.wrt.empty()) {
-      differentiate_with(plan, grad_output, retain_graph, grads);
+      differentiate_with(plan, grad_outputs, retain_graph, grads);
     }
   }
 
   void differentiate_with(
       const Plan& plan,
-      const torch::Tensor& grad_output,
+      const Bundle& grad_outputs,
       bool retain_graph,
-      std::vector<torch::Tensor>& grads) {
+      Bundle& grads) {
+    auto [edges, root_grads] = rooted(grad_outputs);
+    torch::autograd::edge_list wanted;
+    for (const auto& tensor : plan.wrt) {
+      wanted.push_back(wanted_edge(tensor));
+    }
+    auto& engine = torch::autograd::Engine::get_default_engine();
     if (plan.only_in_place) {
       // The common case: plain backward semantics, straight into `.grad`.
-      torch::autograd::backward(
-          {output},
-          {grad_output},
+      engine.execute(
+          edges,
+          root_grads,
           retain_graph,
           /*create_graph=*/false,
-          plan.wrt);
-      if (input_requires_grad && leaf.grad().defined()) {
-        grads[0] = leaf.grad();
-        leaf.mutable_grad().reset();
+          /*accumulate_grad=*/true,
+          wanted);
+      for (size_t k = 0; k < plan.wrt.size(); ++k) {
+        if (plan.where[k].first != Goes::Input) {
+          continue;
+        }
+        auto& leaf = leaves[plan.where[k].second];
+        if (leaf.grad().defined()) {
+          grads[plan.where[k].second] = leaf.grad();
+          leaf.mutable_grad().reset();
+        }
       }
       return;
     }
     std::vector<torch::Tensor> computed;
     {
       HooksParkedGuard parked(plan.hooked);
-      computed = torch::autograd::grad(
-          {output},
-          plan.wrt,
-          {grad_output},
+      computed = engine.execute(
+          edges,
+          root_grads,
           retain_graph,
           /*create_graph=*/false,
-          /*allow_unused=*/true);
+          /*accumulate_grad=*/false,
+          wanted);
     }
     route(plan, computed, grads);
   }
 
-  /// Sends each computed gradient where `plan` says.
+  /// Sends each computed gradient where `plan` says; `grads` holds the
+  /// inputs' gradients, then the extra node inputs' (one per slot).
   void route(
       const Plan& plan,
       std::vector<torch::Tensor>& computed,
-      std::vector<torch::Tensor>& grads) {
+      Bundle& grads) {
     std::vector<torch::Tensor> in_place_roots;
     std::vector<torch::Tensor> in_place_grads;
+    const size_t inputs_count = inputs_require_grad.size();
     for (size_t k = 0; k < plan.wrt.size(); ++k) {
       if (!computed[k].defined()) {
         continue;
       }
-      const auto [goes, slot] = plan.where[k];
+      const auto [goes, index] = plan.where[k];
       switch (goes) {
         case Goes::Input:
-          grads[0] = std::move(computed[k]);
+          grads[index] = std::move(computed[k]);
           break;
         case Goes::InPlace:
           in_place_roots.push_back(plan.wrt[k]);
           in_place_grads.push_back(std::move(computed[k]));
           break;
         case Goes::Slot:
-          grads[1 + slot] = std::move(computed[k]);
+          grads[inputs_count + index] = std::move(computed[k]);
           break;
         case Goes::Lane:
-          call->lane_gradients->add(lane, slot, computed[k]);
+          call->lane_gradients->add(lane, index, computed[k]);
           break;
       }
     }
@@ -957,6 +1243,8 @@ struct StageState : torch::CustomClassHolder {
     }
   }
 
+  Bundle detached_outputs; // build_graph's outputs, until forward returns
+
  public:
   /// Between I and W: what W needs.
   bool weight_pending = false;
@@ -964,20 +1252,27 @@ struct StageState : torch::CustomClassHolder {
   std::vector<WeightGroup> pending_groups;
 };
 
-/// The autograd Function of Note [A cell is one autograd node].
+/// The autograd Function of Note [A cell is one autograd node]: its inputs
+/// are the state, the cell's input bundle and the pipe's parameters.
 struct StageFunction : torch::autograd::Function<StageFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx,
       c10::intrusive_ptr<StageState> state,
-      const torch::Tensor& x,
+      at::TensorList inputs,
       at::TensorList extra_inputs) {
-    auto out = state->forward(x);
-    if (!state->output_requires_grad) {
-      ctx->mark_non_differentiable({out});
+    Bundle outputs = state->forward(Bundle(inputs.begin(), inputs.end()));
+    Bundle non_differentiable;
+    for (size_t k = 0; k < outputs.size(); ++k) {
+      if (!state->outputs_require_grad[k]) {
+        non_differentiable.push_back(outputs[k]);
+      }
+    }
+    if (!non_differentiable.empty()) {
+      ctx->mark_non_differentiable(non_differentiable);
     }
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
     ctx->saved_data["extra_inputs"] = static_cast<int64_t>(extra_inputs.size());
-    return {out};
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(
@@ -1000,7 +1295,7 @@ struct StageFunction : torch::autograd::Function<StageFunction> {
     auto grads = with_cell_context(state->cell, "backward", [&] {
       try {
         return state->backward(
-            grad_outputs[0], extra_inputs, keep_graph, runs_all);
+            grad_outputs, extra_inputs, keep_graph, runs_all);
       } catch (...) {
         // A failed backward must not keep the recomputed graph: it would
         // outlive the step (and, with a hook that threw, never be freed).
