@@ -22,10 +22,11 @@
 #include <gpipe/memory.h>
 #include <gpipe/trace.h>
 
+#include "bench_support.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <iostream>
@@ -35,6 +36,13 @@
 #include <vector>
 
 namespace {
+
+using gpipe_bench::measure_memory;
+using gpipe_bench::median;
+using gpipe_bench::median_ratio;
+using gpipe_bench::Step;
+using gpipe_bench::synchronize;
+using gpipe_bench::time_pairs;
 
 struct Flags {
   std::string device = "all";
@@ -81,18 +89,6 @@ struct Result {
   double memory_ratio = 0;
 };
 
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
-void synchronize(const torch::Device& device) {
-  if (device.is_cuda()) {
-    torch::cuda::synchronize(device.index());
-  }
-}
-
 torch::nn::Sequential linear_tanh(int64_t layers, int64_t width) {
   torch::nn::Sequential seq;
   for (int64_t l = 0; l < layers; ++l) {
@@ -118,10 +114,6 @@ torch::nn::Sequential linears(int64_t layers, int64_t width) {
   }
   return seq;
 }
-
-/// A training step to time: zero_grad keeps the gradient buffers, so a
-/// step's peak above its start is activations and temporaries alone.
-using Step = std::function<void()>;
 
 Step plain_step(torch::nn::Sequential model, torch::Tensor x, torch::Tensor y) {
   return [=]() mutable {
@@ -179,27 +171,6 @@ Step pipe_step(
     }
     torch::mse_loss(pipe(x), y).backward();
   };
-}
-
-double time_ms(const Step& step, const torch::Device& device) {
-  synchronize(device);
-  const auto start = std::chrono::steady_clock::now();
-  step();
-  synchronize(device);
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now() - start)
-      .count();
-}
-
-/// Peak bytes above the start of one step, and the total peak.
-std::pair<int64_t, int64_t> measure_memory(
-    const Step& step,
-    const torch::Device& device) {
-  synchronize(device);
-  gpipe::MemoryMeter meter({device});
-  step();
-  synchronize(device);
-  return {meter.peak_increase_bytes(device), meter.peak_bytes(device)};
 }
 
 void allocate_grads(const std::vector<torch::Tensor>& parameters) {
@@ -266,25 +237,8 @@ Result run(const Config& config, const Flags& flags) {
   }
   const Step candidate = pipe_step(pipe, config, x, y);
 
-  for (int w = 0; w < flags.warmup; ++w) {
-    baseline();
-    candidate();
-  }
-  std::vector<double> baseline_times, candidate_times, ratios;
-  for (int r = 0; r < flags.repeats; ++r) {
-    // Alternate who goes first, so neither always runs on a warmer cache.
-    double b = 0, c = 0;
-    if (r % 2 == 0) {
-      b = time_ms(baseline, config.device);
-      c = time_ms(candidate, config.device);
-    } else {
-      c = time_ms(candidate, config.device);
-      b = time_ms(baseline, config.device);
-    }
-    baseline_times.push_back(b);
-    candidate_times.push_back(c);
-    ratios.push_back(c / b);
-  }
+  const auto times = time_pairs(
+      baseline, candidate, config.device, flags.warmup, flags.repeats);
   const auto [baseline_activation, baseline_peak] =
       measure_memory(baseline, config.device);
   const auto [candidate_activation, candidate_peak] =
@@ -293,9 +247,9 @@ Result run(const Config& config, const Flags& flags) {
   constexpr double kMB = 1024.0 * 1024.0;
   Result result;
   result.config = config;
-  result.baseline_ms = median(baseline_times);
-  result.gpipe_ms = median(candidate_times);
-  result.time_ratio = median(ratios);
+  result.baseline_ms = median(times.first_ms);
+  result.gpipe_ms = median(times.second_ms);
+  result.time_ratio = median_ratio(times.second_ms, times.first_ms);
   result.baseline_activation_mb =
       static_cast<double>(baseline_activation) / kMB;
   result.gpipe_activation_mb = static_cast<double>(candidate_activation) / kMB;

@@ -21,6 +21,7 @@
 #include <gpipe/memory.h>
 #include <gpipe/trace.h>
 
+#include "flags.h"
 #include "run_results.h"
 
 #include <torch/torch.h>
@@ -50,6 +51,10 @@
 namespace {
 
 using gpipe::Checkpoint;
+using gpipe_example::checkpoint_of;
+using gpipe_example::for_each_flag;
+using gpipe_example::parse_int;
+using gpipe_example::usage_error;
 using Clock = std::chrono::steady_clock;
 
 struct Flags {
@@ -67,6 +72,8 @@ struct Flags {
   std::string output = "giant_mlp_output";
   uint64_t seed = 0;
 };
+
+const char* const kProgram = "giant_mlp";
 
 const char* const kUsage = R"(usage: giant_mlp [flags]
 
@@ -105,109 +112,59 @@ flags (--name value or --name=value):
   --help             this text
 )";
 
-[[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "giant_mlp: " << message
-            << " (giant_mlp --help lists the flags)\n";
-  std::exit(2);
-}
-
-int64_t parse_int(
-    const std::string& name,
-    const std::string& text,
-    int64_t minimum) {
-  size_t used = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || text.empty()) {
-    usage_error("--" + name + " needs a whole number (got: " + text + ")");
-  }
-  if (value < minimum) {
-    usage_error(
-        "--" + name + " must be at least " + std::to_string(minimum) +
-        " (got: " + text + ")");
-  }
-  return value;
-}
-
 Flags parse_flags(int argc, char** argv) {
   Flags flags;
-  for (int k = 1; k < argc; ++k) {
-    std::string arg = argv[k];
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    }
-    if (arg.rfind("--", 0) != 0) {
-      usage_error("unexpected argument (got: " + arg + ")");
-    }
-    std::string name = arg.substr(2);
-    std::string value;
-    const auto equals = name.find('=');
-    if (equals != std::string::npos) {
-      value = name.substr(equals + 1);
-      name = name.substr(0, equals);
-    } else {
-      if (k + 1 >= argc) {
-        usage_error("--" + name + " needs a value");
-      }
-      value = argv[++k];
-    }
-    if (name == "layers") {
-      flags.layers = parse_int(name, value, 1);
-    } else if (name == "width") {
-      flags.width = parse_int(name, value, 1);
-    } else if (name == "batch") {
-      flags.batch = parse_int(name, value, 1);
-    } else if (name == "big-batch") {
-      flags.big_batch = parse_int(name, value, 0);
-    } else if (name == "partitions") {
-      flags.partitions = parse_int(name, value, 1);
-    } else if (name == "microbatches") {
-      flags.microbatches = parse_int(name, value, 1);
-    } else if (name == "steps") {
-      flags.steps = parse_int(name, value, 1);
-    } else if (name == "warmup") {
-      flags.warmup = parse_int(name, value, 0);
-    } else if (name == "threads") {
-      flags.threads = parse_int(name, value, 0);
-    } else if (name == "seed") {
-      flags.seed = static_cast<uint64_t>(parse_int(name, value, 0));
-    } else if (name == "device") {
-      flags.device = value;
-    } else if (name == "checkpoint") {
-      if (value != "never" && value != "except_last" && value != "always") {
-        usage_error(
-            "--checkpoint is never, except_last or always (got: " + value +
-            ")");
-      }
-      flags.checkpoint = value;
-    } else if (name == "output") {
-      flags.output = value;
-    } else {
-      usage_error("unknown flag (got: --" + name + ")");
-    }
-  }
+  for_each_flag(
+      argc,
+      argv,
+      kProgram,
+      kUsage,
+      [&](const std::string& name, const std::string& value) {
+        if (name == "layers") {
+          flags.layers = parse_int(kProgram, name, value, 1);
+        } else if (name == "width") {
+          flags.width = parse_int(kProgram, name, value, 1);
+        } else if (name == "batch") {
+          flags.batch = parse_int(kProgram, name, value, 1);
+        } else if (name == "big-batch") {
+          flags.big_batch = parse_int(kProgram, name, value, 0);
+        } else if (name == "partitions") {
+          flags.partitions = parse_int(kProgram, name, value, 1);
+        } else if (name == "microbatches") {
+          flags.microbatches = parse_int(kProgram, name, value, 1);
+        } else if (name == "steps") {
+          flags.steps = parse_int(kProgram, name, value, 1);
+        } else if (name == "warmup") {
+          flags.warmup = parse_int(kProgram, name, value, 0);
+        } else if (name == "threads") {
+          flags.threads = parse_int(kProgram, name, value, 0);
+        } else if (name == "seed") {
+          flags.seed =
+              static_cast<uint64_t>(parse_int(kProgram, name, value, 0));
+        } else if (name == "device") {
+          flags.device = value;
+        } else if (name == "checkpoint") {
+          if (value != "never" && value != "except_last" && value != "always") {
+            usage_error(
+                kProgram,
+                "--checkpoint is never, except_last or always (got: " + value +
+                    ")");
+          }
+          flags.checkpoint = value;
+        } else if (name == "output") {
+          flags.output = value;
+        } else {
+          usage_error(kProgram, "unknown flag (got: --" + name + ")");
+        }
+      });
   if (flags.partitions > flags.layers) {
     usage_error(
+        kProgram,
         "--partitions cannot exceed --layers (partitions: " +
-        std::to_string(flags.partitions) +
-        ", layers: " + std::to_string(flags.layers) + ")");
+            std::to_string(flags.partitions) +
+            ", layers: " + std::to_string(flags.layers) + ")");
   }
   return flags;
-}
-
-Checkpoint checkpoint_of(const std::string& name) {
-  if (name == "never") {
-    return Checkpoint::Never;
-  }
-  if (name == "always") {
-    return Checkpoint::Always;
-  }
-  return Checkpoint::ExceptLast;
 }
 
 std::string percent(double fraction) {
@@ -1075,7 +1032,8 @@ int main(int argc, char** argv) {
     }
     const bool on_cpu = flags.device == "cpu";
     if (!on_cpu && !torch::cuda::is_available()) {
-      usage_error("no CUDA device is present (device: " + flags.device + ")");
+      usage_error(
+          kProgram, "no CUDA device is present (device: " + flags.device + ")");
     }
     tour.width = flags.width.value_or(on_cpu ? 256 : 1024);
     tour.big_batch = flags.big_batch.value_or(on_cpu ? 1024 : 8192);
