@@ -62,8 +62,15 @@ struct SkipFrame {
   /// that nothing wrote into it since (Note [A skip is not written between
   /// its stash and its pop]).
   std::map<std::string, uint32_t> versions;
-  /// For messages: "partition 2 on micro-batch 3".
-  std::string where;
+  /// The running cell, for messages.
+  int64_t partition = 0;
+  int64_t microbatch = 0;
+
+  /// "partition 2 on micro-batch 3", built only for a message.
+  std::string where() const {
+    return "partition " + std::to_string(partition) + " on micro-batch " +
+        std::to_string(microbatch);
+  }
 };
 
 inline SkipFrame*& current_skip_frame() {
@@ -151,7 +158,7 @@ class Skippable {
         "gpipe: skip '",
         key,
         "' was stashed twice in ",
-        frame->where,
+        frame->where(),
         " (a skip is stashed once and popped once per micro-batch)");
   }
 
@@ -168,7 +175,7 @@ class Skippable {
         "gpipe: skip '",
         key,
         "' was popped before it was stashed",
-        frame == nullptr ? std::string() : " in " + frame->where,
+        frame == nullptr ? std::string() : " in " + frame->where(),
         " (or popped twice)");
     torch::Tensor tensor = std::move(found->second);
     store.erase(found);
@@ -180,7 +187,7 @@ class Skippable {
           "gpipe: skip '",
           key,
           "' was written in place between its stash and its pop in ",
-          frame->where,
+          frame->where(),
           "; the pipe hands the pop the tensor as stashed, with the stash's ",
           "gradient path, so an in-place write in between would be lost: ",
           "write into a copy, or stash a clone");

@@ -492,7 +492,8 @@ struct StageState : torch::CustomClassHolder {
         " has no input besides its skips");
     const size_t main = fed.size() - incoming;
     SkipFrame frame;
-    frame.where = where();
+    frame.partition = cell.partition;
+    frame.microbatch = cell.microbatch;
     for (size_t k = 0; k < incoming; ++k) {
       frame.available.emplace(skips->incoming[k], fed[main + k]);
       frame.versions.emplace(skips->incoming[k], fed[main + k]._version());
