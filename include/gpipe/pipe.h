@@ -26,6 +26,7 @@
 #include <gpipe/detail/partition.h>
 #include <gpipe/detail/skip_layout.h>
 #include <gpipe/detail/stage.h>
+#include <gpipe/detail/step_runner.h>
 #include <gpipe/detail/transport.h>
 #include <gpipe/detail/worker.h>
 #include <gpipe/options.h>
@@ -150,8 +151,7 @@ class GPipeImpl : public torch::nn::Module {
   }
 
   /// A loss for `step`: (output of a micro-batch, its target) -> scalar.
-  using LossFunction =
-      std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+  using LossFunction = detail::LossFunction;
 
   /// Forward and backward of the whole batch on `options.schedule()` (or
   /// `options.program()`): `loss_fn` is applied to each micro-batch's output
@@ -248,8 +248,9 @@ class GPipeImpl : public torch::nn::Module {
         !scope.call->parameters.empty();
     scope.call->lock_random_draws =
         scope.call->lock_random_draws && needs_graph;
-    StepRunner runner(
+    detail::StepRunner<GPipeImpl> runner(
         *this,
+        m,
         inputs,
         torch::tensor_split(target, m, /*dim=*/0),
         loss_fn,
@@ -417,6 +418,16 @@ class GPipeImpl : public torch::nn::Module {
   GPipeOptions options;
 
  private:
+  friend class detail::StepRunner<GPipeImpl>;
+
+  int64_t stage_count() const {
+    return static_cast<int64_t>(partitions_.size());
+  }
+
+  Reduction loss_reduction() const {
+    return options.loss_reduction();
+  }
+
   bool checkpointed(int64_t i, int64_t m) const {
     if (!is_training()) {
       return false;
@@ -773,213 +784,6 @@ class GPipeImpl : public torch::nn::Module {
     int64_t m_;
   };
 
-  /// `step()`'s stages: the pipe calls each cell's StageState itself, so a
-  /// cell's backward can be split into I and W (Note [Splitting a backward
-  /// into I and W]) and no graph spans two cells: activations cross lanes
-  /// detached, gradients travel back as tensors.
-  class StepRunner final : public detail::StageRunner {
-   public:
-    StepRunner(
-        GPipeImpl& pipe,
-        const std::vector<detail::Bundle>& inputs,
-        std::vector<torch::Tensor> targets,
-        const LossFunction& loss_fn,
-        double batch,
-        std::shared_ptr<detail::PipeCall> call,
-        bool needs_graph)
-        : loss_values(inputs.size()),
-          pipe_(pipe),
-          inputs_(inputs),
-          targets_(std::move(targets)),
-          loss_fn_(loss_fn),
-          batch_(batch),
-          call_(std::move(call)),
-          needs_graph_(needs_graph),
-          m_(static_cast<int64_t>(inputs.size())),
-          n_(static_cast<int64_t>(pipe.partitions_.size())),
-          states_(
-              static_cast<size_t>(n_),
-              std::vector<c10::intrusive_ptr<detail::StageState>>(
-                  static_cast<size_t>(m_))),
-          input_counts_(
-              static_cast<size_t>(n_),
-              std::vector<size_t>(static_cast<size_t>(m_))),
-          first_inputs_(inputs.size()),
-          last_outputs_(inputs.size()),
-          losses_(inputs.size()) {}
-
-    detail::Bundle input(int64_t i) override {
-      auto& x = first_inputs_[static_cast<size_t>(i)];
-      x = pipe_.receive_all(inputs_[static_cast<size_t>(i)], i, 0);
-      return x;
-    }
-
-    detail::Bundle move(
-        detail::Bundle x,
-        int64_t s,
-        int64_t i,
-        detail::Direction direction) override {
-      if (direction == detail::Direction::Backward) {
-        torch::NoGradGuard no_grad;
-        return pipe_.receive_all(x, i, s);
-      }
-      detail::Bundle moved;
-      {
-        torch::NoGradGuard no_grad;
-        moved = pipe_.receive_all(x, i, s);
-      }
-      // A fresh leaf per cell: each cell's graph is differentiated alone.
-      for (size_t k = 0; k < moved.size(); ++k) {
-        moved[k] = moved[k].detach().requires_grad_(x[k].requires_grad());
-      }
-      return moved;
-    }
-
-    detail::Bundle forward(int64_t s, int64_t i, detail::Bundle x) override {
-      const auto ss = static_cast<size_t>(s);
-      const auto ii = static_cast<size_t>(i);
-      input_counts_[ss][ii] = x.size();
-      detail::Bundle out;
-      if (!needs_graph_) {
-        out = pipe_.run_cell(i, s, m_, x, call_, /*needs_graph=*/false);
-      } else {
-        auto state = pipe_.make_state(i, s, m_, call_);
-        out = detail::with_cell_context(
-            {i, s}, "forward", [&] { return state->forward(x); });
-        pipe_.check_batch_kept(i, s, x, out, *call_);
-        for (size_t k = 0; k < out.size(); ++k) {
-          if (state->outputs_require_grad[k]) {
-            out[k].requires_grad_(true);
-          }
-        }
-        states_[ss][ii] = std::move(state);
-      }
-      if (s < n_ - 1) {
-        return out;
-      }
-      TORCH_CHECK(
-          out.size() == 1 && call_->output_is_list[ss].load() != 1,
-          "gpipe: step applies loss_fn to the last layer's output, which "
-          "must be one tensor, but it returned a list of ",
-          out.size(),
-          " (call forward<std::vector<torch::Tensor>> and backward instead)");
-      const torch::Tensor& output = out.front();
-      torch::Tensor loss = detail::with_cell_context({i, s}, "loss_fn", [&] {
-        return loss_fn_(output, pipe_.receive(targets_[ii], i, s));
-      });
-      TORCH_CHECK(
-          loss.numel() == 1,
-          "gpipe: loss_fn must return a scalar (micro-batch ",
-          i,
-          ", loss shape: ",
-          loss.sizes(),
-          ")");
-      TORCH_CHECK(
-          loss.requires_grad(),
-          "gpipe: the loss of micro-batch ",
-          i,
-          " does not require grad, so step has nothing to differentiate ",
-          "(plain training fails the same way: element 0 of tensors does ",
-          "not require grad and does not have a grad_fn); check that ",
-          "loss_fn and the last layers do not detach their output");
-      if (pipe_.options.loss_reduction() == Reduction::Mean) {
-        loss = loss * (static_cast<double>(output.size(0)) / batch_);
-      }
-      losses_[ii] = loss.reshape({});
-      loss_values[ii] = losses_[ii].detach();
-      last_outputs_[ii] = output;
-      return detail::Bundle(); // nothing travels on
-    }
-
-    detail::Bundle backward(
-        int64_t s,
-        int64_t i,
-        detail::Bundle grad_outputs,
-        bool input_only) override {
-      const auto ss = static_cast<size_t>(s);
-      const auto ii = static_cast<size_t>(i);
-      if (s == n_ - 1) {
-        detail::with_cell_context({i, s}, "backward", [&] {
-          torch::autograd::backward({std::exchange(losses_[ii], {})});
-        });
-        auto out = std::exchange(last_outputs_[ii], {});
-        grad_outputs = {out.requires_grad() ? out.grad() : torch::Tensor()};
-      }
-      auto state = states_[ss][ii];
-      if (!input_only) {
-        states_[ss][ii].reset(); // B frees the cell's graph when done
-      }
-      detail::Bundle grad_inputs(input_counts_[ss][ii]);
-      if (state) {
-        grad_inputs = detail::with_cell_context(
-            {i, s}, input_only ? "backward_input" : "backward", [&] {
-              try {
-                return input_only ? state->backward_input(grad_outputs)
-                                  : state->backward(
-                                        grad_outputs,
-                                        /*extra_inputs=*/0,
-                                        /*keep_graph=*/false,
-                                        /*graph_task_runs_all=*/true);
-              } catch (...) {
-                state->release();
-                throw;
-              }
-            });
-      }
-      if (s > 0) {
-        return grad_inputs;
-      }
-      auto x = std::exchange(first_inputs_[ii], {});
-      std::vector<torch::Tensor> roots;
-      std::vector<torch::Tensor> grads;
-      for (size_t k = 0; k < x.size() && k < grad_inputs.size(); ++k) {
-        if (grad_inputs[k].defined() && x[k].requires_grad()) {
-          roots.push_back(x[k]);
-          grads.push_back(grad_inputs[k]);
-        }
-      }
-      if (!roots.empty()) {
-        torch::autograd::backward(roots, grads);
-      }
-      return detail::Bundle();
-    }
-
-    void backward_weight(int64_t s, int64_t i) override {
-      auto state = std::exchange(
-          states_[static_cast<size_t>(s)][static_cast<size_t>(i)], {});
-      if (!state) {
-        return;
-      }
-      detail::with_cell_context({i, s}, "backward_weight", [&] {
-        try {
-          state->backward_weight();
-        } catch (...) {
-          state->release();
-          throw;
-        }
-      });
-    }
-
-    std::vector<torch::Tensor> loss_values;
-
-   private:
-    GPipeImpl& pipe_;
-    const std::vector<detail::Bundle>& inputs_;
-    std::vector<torch::Tensor> targets_;
-    const LossFunction& loss_fn_;
-    double batch_;
-    std::shared_ptr<detail::PipeCall> call_;
-    bool needs_graph_;
-    int64_t m_;
-    int64_t n_;
-    // Per [stage][micro-batch]: the cell, from its F to its B (or W).
-    std::vector<std::vector<c10::intrusive_ptr<detail::StageState>>> states_;
-    std::vector<std::vector<size_t>> input_counts_;
-    std::vector<detail::Bundle> first_inputs_; // for the inputs' gradients
-    std::vector<torch::Tensor> last_outputs_; // the losses' leaves
-    std::vector<torch::Tensor> losses_;
-  };
-
   /// The forward-only program for m micro-batches (clock_cycles' order).
   const Program& forward_program_for(int64_t m) {
     auto found = forward_programs_.find(m);
@@ -1070,38 +874,16 @@ class GPipeImpl : public torch::nn::Module {
         skip_layout_.empty() ? nullptr : &skip_layout_.partitions[jj]);
   }
 
-  /// Under micro-batching every tensor partition j hands on keeps the
-  /// batch in dimension 0 (its skips travel per micro-batch and need not).
   void check_batch_kept(
       int64_t i,
       int64_t j,
       const detail::Bundle& x,
       const detail::Bundle& out,
       const detail::PipeCall& call) const {
-    if (!call.split) {
-      return;
-    }
-    const auto jj = static_cast<size_t>(j);
-    const size_t skips =
-        skip_layout_.empty() ? 0 : skip_layout_.partitions[jj].outgoing.size();
-    const int64_t batch = x.front().size(0);
-    for (size_t k = 0; k + skips < out.size(); ++k) {
-      TORCH_CHECK(
-          out[k].dim() >= 1 && out[k].size(0) == batch,
-          "gpipe: partition ",
-          j,
-          " changed the batch dimension on micro-batch ",
-          i,
-          " (input shape: ",
-          x.front().sizes(),
-          ", output shape: ",
-          out[k].sizes(),
-          out.size() - skips > 1 ? ", output " + std::to_string(k) : "",
-          "); under micro-batching every partition must keep the batch in "
-          "dimension 0, so layers that reduce over the batch (sum(0), a mean "
-          "of everything, statistics by hand) belong after the pipe, on its "
-          "output");
-    }
+    const size_t skips = skip_layout_.empty()
+        ? 0
+        : skip_layout_.partitions[static_cast<size_t>(j)].outgoing.size();
+    detail::check_batch_kept(i, j, x, out, call, skips);
   }
 
   /// Partition j applied to micro-batch i (of m) as one autograd node

@@ -286,6 +286,23 @@ class Executor {
     return last;
   }
 
+  /// Runs lane `lane` alone, on this thread: a rank of a pipe across
+  /// processes runs its own lane while its neighbours' lanes run in other
+  /// processes, reached through the transport. Rethrows the lane's failure.
+  void run_one_lane(size_t lane) {
+    TORCH_INTERNAL_ASSERT(
+        lane < program_.lanes.size(),
+        "gpipe: lane ",
+        lane,
+        " of a program with ",
+        program_.lanes.size(),
+        " lanes");
+    run_lane(lane);
+    if (failure_) {
+      std::rethrow_exception(failure_);
+    }
+  }
+
  private:
   using Slots = std::vector<std::vector<Bundle>>;
   using End = SkipChannels::End;

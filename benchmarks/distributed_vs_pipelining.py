@@ -1,0 +1,271 @@
+"""gpipe's multi-process pipeline against torch.distributed.pipelining.
+
+Why this exists: PyTorch ships its own pipeline parallelism
+(torch.distributed.pipelining, with ScheduleGPipe and Schedule1F1B). A
+multi-process gpipe is only worth using if it keeps up with it, so this
+driver runs both on the same model, schedule and microbatching, one stage
+per process on 4 CPU processes over Gloo/loopback, and tabulates step time
+and peak RSS side by side.
+
+The gpipe side is a C++ program (--gpipe-binary) and the PyTorch side is
+pipelining_peer.py next to this file; both take the same flags
+
+    --schedule gpipe|1f1b --layers L --width W --batch B --microbatches M
+    --steps N --warmup K
+
+and print, on rank 0, one JSON line with step_ms_median and peak_rss_mb (one
+entry per rank). Each is launched with
+
+    python3 -m torch.distributed.run --standalone --nproc-per-node 4 \\
+        [--no-python BINARY | pipelining_peer.py] FLAGS
+
+with OMP_NUM_THREADS=1 and PYTHONPATH pointing at the torch wheel. For every
+configuration the two implementations alternate for --rounds rounds (gpipe,
+pipelining, gpipe, pipelining, ...) so slow drift of the machine hits both
+alike; the table keeps the fastest round's median step time (min over rounds)
+and the largest peak RSS over rounds and ranks.
+
+    python3 benchmarks/distributed_vs_pipelining.py --gpipe-binary PATH/TO/GPIPE_PEER
+    python3 benchmarks/distributed_vs_pipelining.py --only pipelining --quick
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.join(HERE, "pipelining_peer.py")
+NPROC = 4
+IMPLS = ("gpipe", "pipelining")
+SCHEDULES = ("gpipe", "1f1b")
+
+# The small model is all per-step overhead (messages, scheduling, Python);
+# the large one is compute-bound: on 2 cores one step of it takes about
+# 150-200 ms with torch.distributed.pipelining.
+CONFIGS = [
+    ("small", dict(layers=8, width=64, batch=32, microbatches=8)),
+    ("large", dict(layers=8, width=1024, batch=64, microbatches=8)),
+]
+# (steps, warmup) per configuration. Each launch also pays a few seconds of
+# process start-up and `import torch`, which is not measured.
+STEPS = {"small": (100, 10), "large": (30, 3)}
+QUICK_STEPS = {"small": (20, 3), "large": (6, 2)}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(
+        description="gpipe multi-process pipeline vs torch.distributed.pipelining"
+    )
+    p.add_argument("--gpipe-binary", help="the C++ gpipe peer (run with --no-python)")
+    p.add_argument(
+        "--torch-path",
+        default=os.path.expanduser("~/.cache/gpipe/torch-2.11.0"),
+        help="directory holding the torch package (goes on PYTHONPATH)",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer steps per launch")
+    p.add_argument("--rounds", type=int, default=3, help="launches per implementation")
+    p.add_argument(
+        "--only", choices=IMPLS, help="run one implementation alone (e.g. to test)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600, help="seconds before a launch is killed"
+    )
+    p.add_argument("--output", help="also write every launch's JSON here")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    args.impls = (args.only,) if args.only else IMPLS
+    if "gpipe" in args.impls:
+        if not args.gpipe_binary:
+            p.error("--gpipe-binary is required (or --only pipelining)")
+        args.gpipe_binary = os.path.abspath(args.gpipe_binary)
+        if not os.access(args.gpipe_binary, os.X_OK):
+            p.error(
+                f"--gpipe-binary {args.gpipe_binary} is not an executable file "
+                "(use --only pipelining to run the PyTorch side alone)"
+            )
+    if not os.path.isdir(os.path.join(args.torch_path, "torch")):
+        p.error(f"--torch-path {args.torch_path} holds no torch package")
+    return args
+
+
+def launch_env(torch_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        x for x in (torch_path, env.get("PYTHONPATH")) if x
+    )
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def tail(text, lines=40):
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def stderr_tail(err, lines=40):
+    """The tail of a failed launch's stderr, without torchrun's own traceback
+    and failure report (which would push the workers' messages out of the
+    tail); of the report, only each rank's exit code is kept."""
+    text = err.rstrip().splitlines()
+    # Worker lines carry a "[rankN]:" prefix or none; torchrun's traceback is
+    # the last one at column 0 and ends in ChildFailedError.
+    starts = [i for i, l in enumerate(text) if l.startswith("Traceback (most recent")]
+    if starts and any("ChildFailedError" in l for l in text[starts[-1] :]):
+        report = [
+            l.strip()
+            for l in text[starts[-1] :]
+            if l.strip().startswith(("rank ", "exitcode "))
+        ]
+        return "\n".join(text[: starts[-1]][-lines:] + ["--- torchrun ---"] + report)
+    return tail(err, lines)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def run_one(impl, schedule, config, steps, warmup, args, env):
+    """Launches one implementation under torchrun; returns its JSON result."""
+    # "--flag value", the form both peers are specified to take.
+    flags = ["--schedule", schedule]
+    for key, value in [*config.items(), ("steps", steps), ("warmup", warmup)]:
+        flags += [f"--{key}", str(value)]
+    program = ["--no-python", args.gpipe_binary] if impl == "gpipe" else [PEER]
+    if impl == "gpipe":
+        # distributed_mlp checks its first step against plain training by
+        # default, which holds a whole reference model on every rank: not
+        # what is measured here (the peer keeps only its stage either).
+        flags += ["--check", "0"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nproc-per-node", str(NPROC),
+        *program, *flags,
+    ]  # fmt: skip
+    # torchrun gets a session of its own, so that a hang can be ended without
+    # touching anything else. It starts each worker in a further session of
+    # its own, so a hang is ended by SIGTERM to torchrun, which then stops its
+    # workers itself (SIGTERM, then SIGKILL); SIGKILL is the last resort.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        raise LaunchError(
+            f"timed out after {args.timeout:.0f} s: {' '.join(cmd)}\n"
+            f"--- stderr tail ---\n{stderr_tail(err)}"
+        )
+    if proc.returncode != 0:
+        raise LaunchError(
+            f"exit status {proc.returncode}: {' '.join(cmd)}\n"
+            f"--- stdout tail ---\n{tail(out, 10)}\n"
+            f"--- stderr tail ---\n{stderr_tail(err)}"
+        )
+    # The result is the last stdout line that parses as this run's JSON; other
+    # lines (warnings, logs) are ignored.
+    for line in reversed(out.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if result.get("impl") == impl and result.get("schedule") == schedule:
+            missing = {"step_ms_median", "peak_rss_mb"} - result.keys()
+            if missing or len(result["peak_rss_mb"]) != NPROC:
+                raise LaunchError(f"incomplete result {line!r} from {' '.join(cmd)}")
+            return result
+    raise LaunchError(
+        f"no JSON line with impl={impl!r} in the output of {' '.join(cmd)}\n"
+        f"--- stdout tail ---\n{tail(out, 10)}\n"
+        f"--- stderr tail ---\n{stderr_tail(err)}"
+    )
+
+
+def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def main():
+    args = parse_args()
+    env = launch_env(args.torch_path)
+    steps_table = QUICK_STEPS if args.quick else STEPS
+    rows, raw = [], []
+
+    for name, config in CONFIGS:
+        steps, warmup = steps_table[name]
+        for schedule in SCHEDULES:
+            best = {impl: None for impl in args.impls}  # min step_ms_median
+            rss = {impl: None for impl in args.impls}  # max peak RSS, any rank
+            for r in range(args.rounds):
+                for impl in args.impls:
+                    t0 = time.monotonic()
+                    try:
+                        res = run_one(impl, schedule, config, steps, warmup, args, env)
+                    except LaunchError as e:
+                        print(f"launch failed ({name}, {schedule}, {impl}): {e}",
+                              file=sys.stderr)  # fmt: skip
+                        return 1
+                    raw.append(dict(res, configuration=name, round=r))
+                    ms, mb = res["step_ms_median"], max(res["peak_rss_mb"])
+                    best[impl] = ms if best[impl] is None else min(best[impl], ms)
+                    rss[impl] = mb if rss[impl] is None else max(rss[impl], mb)
+                    print(
+                        f"[{name} {schedule} round {r + 1}/{args.rounds}] {impl}: "
+                        f"{ms:.2f} ms/step, peak RSS {mb:.0f} MB "
+                        f"(launch {time.monotonic() - t0:.0f} s)",
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
+            label = (
+                f"{name} (L={config['layers']} W={config['width']} "
+                f"B={config['batch']} M={config['microbatches']})"
+            )
+            rows.append((label, schedule, best.get("gpipe"), best.get("pipelining"),
+                         rss.get("gpipe"), rss.get("pipelining")))  # fmt: skip
+
+    print(
+        f"\ngpipe vs torch.distributed.pipelining, {NPROC} CPU processes over "
+        f"Gloo, OMP_NUM_THREADS=1; min over {args.rounds} round(s) of the median "
+        "step time, max peak RSS over rounds and ranks\n"
+    )
+    print("| configuration | schedule | gpipe ms | pipelining ms | gpipe/pipelining "
+          "| gpipe RSS MB | pipelining RSS MB | RSS ratio |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, schedule, g_ms, p_ms, g_mb, p_mb in rows:
+        print(
+            f"| {label} | {schedule} | {fmt(g_ms, '.2f')} | {fmt(p_ms, '.2f')} "
+            f"| {fmt(ratio(g_ms, p_ms), '.2f')} | {fmt(g_mb, '.0f')} "
+            f"| {fmt(p_mb, '.0f')} | {fmt(ratio(g_mb, p_mb), '.2f')} |"
+        )
+
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(raw, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+// distributed_mlp: the giant MLP across processes, launched by torchrun.
+//
+//   PYTHONPATH=~/.cache/gpipe/torch-2.11.0 python3 -m torch.distributed.run \
+//       --standalone --nproc-per-node 4 --no-python
+//       ./build/examples/distributed_mlp
+//
+// Every rank builds the same seeded model and keeps its stage; the first
+// step's gradients are checked against single-process plain training of the
+// global batch (each rank checks its own stage); then it trains and prints
+// per-rank step times. Rank 0 ends with one JSON line, the format that
+// benchmarks/distributed_vs_pipelining.py reads. Exits 1 when a gradient
+// differs from plain training.
+#include "flags.h"
+
+#include <gpipe/distributed.h>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iomanip>
+#include <iostream>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <sys/resource.h>
+#include <vector>
+
+namespace {
+
+constexpr const char* kProgram = "distributed_mlp";
+constexpr const char* kUsage =
+    "usage: distributed_mlp [flags], under torchrun (one process per rank)\n"
+    "  --schedule NAME      fill_drain (or gpipe), 1f1b, interleaved, zero_bubble\n"
+    "  --layers N           Linear+ReLU blocks (default 8)\n"
+    "  --width N            features (default 256)\n"
+    "  --batch N            samples per replica and step (default 64)\n"
+    "  --microbatches N     (default 8)\n"
+    "  --stages N           ranks per pipeline; 0: the world size (default 0)\n"
+    "  --checkpoint MODE    never, except_last, always (default never)\n"
+    "  --steps N            timed steps (default 5)\n"
+    "  --warmup N           untimed steps first (default 1)\n"
+    "  --check 0|1          check the first step's gradients (default 1)\n";
+
+struct Flags {
+  gpipe::Schedule schedule = gpipe::Schedule::FillDrain;
+  std::string schedule_name = "gpipe";
+  int64_t layers = 8;
+  int64_t width = 256;
+  int64_t batch = 64;
+  int64_t microbatches = 8;
+  int64_t stages = 0;
+  gpipe::Checkpoint checkpoint = gpipe::Checkpoint::Never;
+  int64_t steps = 5;
+  int64_t warmup = 1;
+  bool check = true;
+};
+
+Flags parse_flags(int argc, char** argv) {
+  using gpipe_example::parse_int;
+  Flags flags;
+  gpipe_example::for_each_flag(
+      argc,
+      argv,
+      kProgram,
+      kUsage,
+      [&](const std::string& name, const std::string& value) {
+        if (name == "schedule") {
+          flags.schedule_name = value;
+          if (value == "fill_drain" || value == "gpipe") {
+            flags.schedule = gpipe::Schedule::FillDrain;
+          } else if (value == "1f1b") {
+            flags.schedule = gpipe::Schedule::OneFOneB;
+          } else if (value == "interleaved") {
+            flags.schedule = gpipe::Schedule::Interleaved1F1B;
+          } else if (value == "zero_bubble") {
+            flags.schedule = gpipe::Schedule::ZeroBubbleH1;
+          } else {
+            gpipe_example::usage_error(
+                kProgram, "unknown --schedule (got: " + value + ")");
+          }
+        } else if (name == "layers") {
+          flags.layers = parse_int(kProgram, name, value, 1);
+        } else if (name == "width") {
+          flags.width = parse_int(kProgram, name, value, 1);
+        } else if (name == "batch") {
+          flags.batch = parse_int(kProgram, name, value, 1);
+        } else if (name == "microbatches") {
+          flags.microbatches = parse_int(kProgram, name, value, 1);
+        } else if (name == "stages") {
+          flags.stages = parse_int(kProgram, name, value, 0);
+        } else if (name == "checkpoint") {
+          if (value != "never" && value != "except_last" && value != "always") {
+            gpipe_example::usage_error(
+                kProgram, "unknown --checkpoint (got: " + value + ")");
+          }
+          flags.checkpoint = gpipe_example::checkpoint_of(value);
+        } else if (name == "steps") {
+          flags.steps = parse_int(kProgram, name, value, 1);
+        } else if (name == "warmup") {
+          flags.warmup = parse_int(kProgram, name, value, 0);
+        } else if (name == "check") {
+          flags.check = parse_int(kProgram, name, value, 0) != 0;
+        } else {
+          gpipe_example::usage_error(
+              kProgram, "unknown flag (got: --" + name + ")");
+        }
+      });
+  return flags;
+}
+
+torch::nn::Sequential make_model(const Flags& flags) {
+  torch::manual_seed(0);
+  torch::nn::Sequential seq;
+  for (int64_t l = 0; l < flags.layers; ++l) {
+    seq->push_back(torch::nn::Linear(flags.width, flags.width));
+    seq->push_back(torch::nn::ReLU());
+  }
+  return seq;
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
+std::string get(c10d::Store& store, const std::string& key) {
+  const auto value = store.get(key);
+  return {value.begin(), value.end()};
+}
+
+void set(c10d::Store& store, const std::string& key, const std::string& text) {
+  store.set(key, std::vector<uint8_t>(text.begin(), text.end()));
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  const Flags flags = parse_flags(argc, argv);
+  torch::set_num_threads(1);
+  auto world = gpipe::distributed::World::connect();
+  const int64_t stages = flags.stages == 0 ? world->size() : flags.stages;
+  auto model = make_model(flags);
+  auto reference =
+      std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  gpipe::distributed::DistributedGPipe pipe(
+      world,
+      model,
+      gpipe::distributed::DistributedOptions(stages)
+          .microbatches(flags.microbatches)
+          .schedule(flags.schedule)
+          .stages_per_rank(
+              flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1)
+          .checkpoint(flags.checkpoint));
+  model = nullptr; // this rank keeps only its own stages
+  const auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& y) {
+    return torch::mse_loss(out, y);
+  };
+  torch::manual_seed(1);
+  const int64_t global = flags.batch * pipe->replicas();
+  const auto x = torch::randn({global, flags.width});
+  const auto y = torch::randn({global, flags.width});
+  const auto shard_x = x.narrow(0, pipe->replica() * flags.batch, flags.batch);
+  const auto shard_y = y.narrow(0, pipe->replica() * flags.batch, flags.batch);
+  const auto step = [&] {
+    pipe->zero_grad();
+    return pipe->step(
+        pipe->is_first() ? shard_x : torch::Tensor(),
+        pipe->is_last() ? shard_y : torch::Tensor(),
+        loss_fn);
+  };
+
+  bool matches = true;
+  if (flags.check) {
+    const auto loss = step();
+    loss_fn(reference->forward(x), y).backward();
+    auto want = reference->named_parameters();
+    double worst = 0;
+    double scale = 0;
+    for (const auto& p : pipe->named_parameters()) {
+      const auto& q = want[p.key()].grad();
+      worst =
+          std::max(worst, (p.value().grad() - q).abs().max().item<double>());
+      scale = std::max(scale, q.abs().max().item<double>());
+    }
+    const double tolerance = 1e-5 * std::max(1.0, scale);
+    matches = worst <= tolerance;
+    std::cout << "rank " << world->rank() << ": gradients of stages ["
+              << c10::Join(", ", pipe->my_stages())
+              << "] against plain training of the global batch: largest "
+              << "difference " << worst << " (tolerance " << tolerance << ") "
+              << (matches ? "OK" : "FAIL") << std::endl;
+  }
+  reference = nullptr;
+
+  for (int64_t k = 0; k < flags.warmup; ++k) {
+    step();
+  }
+  world->group()->barrier()->wait();
+  std::vector<double> times;
+  torch::Tensor loss;
+  const auto begin = std::chrono::steady_clock::now();
+  for (int64_t k = 0; k < flags.steps; ++k) {
+    const auto start = std::chrono::steady_clock::now();
+    loss = step();
+    times.push_back(std::chrono::duration<double, std::milli>(
+                        std::chrono::steady_clock::now() - start)
+                        .count());
+  }
+  const double mean = std::chrono::duration<double, std::milli>(
+                          std::chrono::steady_clock::now() - begin)
+                          .count() /
+      static_cast<double>(flags.steps);
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  auto& store = *world->store();
+  std::ostringstream mine;
+  mine << std::fixed << std::setprecision(2) << median(times) << " "
+       << static_cast<double>(usage.ru_maxrss) / 1024.0 << " "
+       << (matches ? 1 : 0);
+  set(store, "distributed_mlp/" + std::to_string(world->rank()), mine.str());
+  if (world->rank() == 0) {
+    std::vector<std::string> rss;
+    std::cout << "rank  stages        median step ms  peak RSS MB\n";
+    for (int64_t r = 0; r < world->size(); ++r) {
+      std::istringstream theirs(
+          get(store, "distributed_mlp/" + std::to_string(r)));
+      double ms = 0;
+      double mb = 0;
+      int ok = 1;
+      theirs >> ms >> mb >> ok;
+      matches = matches && ok == 1;
+      rss.push_back(std::to_string(mb));
+      std::cout << std::setw(4) << r << "  stage " << std::setw(3) << r % stages
+                << "  " << std::setw(16) << ms << "  " << std::setw(11) << mb
+                << "\n";
+    }
+    std::cout << "loss of the last step: " << loss.item<double>() << "\n";
+    std::cout << "{\"impl\":\"gpipe\",\"schedule\":\"" << flags.schedule_name
+              << "\",\"layers\":" << flags.layers
+              << ",\"width\":" << flags.width << ",\"batch\":" << flags.batch
+              << ",\"microbatches\":" << flags.microbatches
+              << ",\"steps\":" << flags.steps << ",\"step_ms_mean\":" << mean
+              << ",\"step_ms_median\":" << median(times) << ",\"peak_rss_mb\":["
+              << c10::Join(",", rss) << "]}" << std::endl;
+  }
+  world->group()->barrier()->wait(); // rank 0 may host the store
+  return matches ? 0 : 1;
+}

@@ -1,0 +1,271 @@
+// What `step()` does to each cell, for any host of stages: a pipe in one
+// process (pipe.h) or one rank of a pipe across processes (distributed/).
+//
+// The host owns the partitions and says where tensors go; the runner keeps
+// each cell's StageState from its F to its B (or W), applies the loss on the
+// last stage and hands the first stage's input gradients back to the
+// caller's graph. A host provides `stage_count()`, `loss_reduction()`,
+// `make_state`, `run_cell`, `receive`, `receive_all` and `check_batch_kept`,
+// as GPipeImpl defines them; a host in one process calls every stage, a
+// rank only its own.
+#pragma once
+
+#include <gpipe/detail/bundle.h>
+#include <gpipe/detail/executor.h>
+#include <gpipe/detail/stage.h>
+#include <gpipe/options.h>
+
+#include <c10/util/Exception.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace gpipe::detail {
+
+/// (output of a micro-batch, its target) -> scalar loss.
+using LossFunction =
+    std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+
+/// Under micro-batching every tensor partition j hands on keeps the
+/// batch in dimension 0; its last `skips` outputs travel per micro-batch
+/// and need not.
+inline void check_batch_kept(
+    int64_t i,
+    int64_t j,
+    const Bundle& x,
+    const Bundle& out,
+    const PipeCall& call,
+    size_t skips) {
+  if (!call.split) {
+    return;
+  }
+  const int64_t batch = x.front().size(0);
+  for (size_t k = 0; k + skips < out.size(); ++k) {
+    TORCH_CHECK(
+        out[k].dim() >= 1 && out[k].size(0) == batch,
+        "gpipe: partition ",
+        j,
+        " changed the batch dimension on micro-batch ",
+        i,
+        " (input shape: ",
+        x.front().sizes(),
+        ", output shape: ",
+        out[k].sizes(),
+        out.size() - skips > 1 ? ", output " + std::to_string(k) : "",
+        "); under micro-batching every partition must keep the batch in "
+        "dimension 0, so layers that reduce over the batch (sum(0), a mean "
+        "of everything, statistics by hand) belong after the pipe, on its "
+        "output");
+  }
+}
+
+/// `step()`'s stages: the host calls each cell's StageState itself, so a
+/// cell's backward can be split into I and W (Note [Splitting a backward
+/// into I and W]) and no graph spans two cells: activations cross lanes
+/// detached, gradients travel back as tensors.
+template <typename Host>
+class StepRunner final : public StageRunner {
+ public:
+  /// `inputs` and `targets` per micro-batch, read only on the first and
+  /// the last stage; `batch` is the batch that Reduction::Mean divides by.
+  StepRunner(
+      Host& pipe,
+      int64_t microbatches,
+      const std::vector<Bundle>& inputs,
+      std::vector<torch::Tensor> targets,
+      const LossFunction& loss_fn,
+      double batch,
+      std::shared_ptr<PipeCall> call,
+      bool needs_graph)
+      : loss_values(static_cast<size_t>(microbatches)),
+        pipe_(pipe),
+        inputs_(inputs),
+        targets_(std::move(targets)),
+        loss_fn_(loss_fn),
+        batch_(batch),
+        call_(std::move(call)),
+        needs_graph_(needs_graph),
+        m_(microbatches),
+        n_(pipe.stage_count()),
+        states_(
+            static_cast<size_t>(n_),
+            std::vector<c10::intrusive_ptr<StageState>>(
+                static_cast<size_t>(m_))),
+        input_counts_(
+            static_cast<size_t>(n_),
+            std::vector<size_t>(static_cast<size_t>(m_))),
+        first_inputs_(static_cast<size_t>(m_)),
+        last_outputs_(static_cast<size_t>(m_)),
+        losses_(static_cast<size_t>(m_)) {}
+
+  Bundle input(int64_t i) override {
+    auto& x = first_inputs_[static_cast<size_t>(i)];
+    x = pipe_.receive_all(inputs_[static_cast<size_t>(i)], i, 0);
+    return x;
+  }
+
+  Bundle move(Bundle x, int64_t s, int64_t i, Direction direction) override {
+    if (direction == Direction::Backward) {
+      torch::NoGradGuard no_grad;
+      return pipe_.receive_all(x, i, s);
+    }
+    Bundle moved;
+    {
+      torch::NoGradGuard no_grad;
+      moved = pipe_.receive_all(x, i, s);
+    }
+    // A fresh leaf per cell: each cell's graph is differentiated alone.
+    for (size_t k = 0; k < moved.size(); ++k) {
+      moved[k] = moved[k].detach().requires_grad_(x[k].requires_grad());
+    }
+    return moved;
+  }
+
+  Bundle forward(int64_t s, int64_t i, Bundle x) override {
+    const auto ss = static_cast<size_t>(s);
+    const auto ii = static_cast<size_t>(i);
+    input_counts_[ss][ii] = x.size();
+    Bundle out;
+    if (!needs_graph_) {
+      out = pipe_.run_cell(i, s, m_, x, call_, /*needs_graph=*/false);
+    } else {
+      auto state = pipe_.make_state(i, s, m_, call_);
+      out = with_cell_context(
+          {i, s}, "forward", [&] { return state->forward(x); });
+      pipe_.check_batch_kept(i, s, x, out, *call_);
+      for (size_t k = 0; k < out.size(); ++k) {
+        if (state->outputs_require_grad[k]) {
+          out[k].requires_grad_(true);
+        }
+      }
+      states_[ss][ii] = std::move(state);
+    }
+    if (s < n_ - 1) {
+      return out;
+    }
+    TORCH_CHECK(
+        out.size() == 1 && call_->output_is_list[ss].load() != 1,
+        "gpipe: step applies loss_fn to the last layer's output, which "
+        "must be one tensor, but it returned a list of ",
+        out.size(),
+        " (call forward<std::vector<torch::Tensor>> and backward instead)");
+    const torch::Tensor& output = out.front();
+    torch::Tensor loss = with_cell_context({i, s}, "loss_fn", [&] {
+      return loss_fn_(output, pipe_.receive(targets_[ii], i, s));
+    });
+    TORCH_CHECK(
+        loss.numel() == 1,
+        "gpipe: loss_fn must return a scalar (micro-batch ",
+        i,
+        ", loss shape: ",
+        loss.sizes(),
+        ")");
+    TORCH_CHECK(
+        loss.requires_grad(),
+        "gpipe: the loss of micro-batch ",
+        i,
+        " does not require grad, so step has nothing to differentiate ",
+        "(plain training fails the same way: element 0 of tensors does ",
+        "not require grad and does not have a grad_fn); check that ",
+        "loss_fn and the last layers do not detach their output");
+    if (pipe_.loss_reduction() == Reduction::Mean) {
+      loss = loss * (static_cast<double>(output.size(0)) / batch_);
+    }
+    losses_[ii] = loss.reshape({});
+    loss_values[ii] = losses_[ii].detach();
+    last_outputs_[ii] = output;
+    return Bundle(); // nothing travels on
+  }
+
+  Bundle backward(int64_t s, int64_t i, Bundle grad_outputs, bool input_only)
+      override {
+    const auto ss = static_cast<size_t>(s);
+    const auto ii = static_cast<size_t>(i);
+    if (s == n_ - 1) {
+      with_cell_context({i, s}, "backward", [&] {
+        torch::autograd::backward({std::exchange(losses_[ii], {})});
+      });
+      auto out = std::exchange(last_outputs_[ii], {});
+      grad_outputs = {out.requires_grad() ? out.grad() : torch::Tensor()};
+    }
+    auto state = states_[ss][ii];
+    if (!input_only) {
+      states_[ss][ii].reset(); // B frees the cell's graph when done
+    }
+    Bundle grad_inputs(input_counts_[ss][ii]);
+    if (state) {
+      grad_inputs = with_cell_context(
+          {i, s}, input_only ? "backward_input" : "backward", [&] {
+            try {
+              return input_only ? state->backward_input(grad_outputs)
+                                : state->backward(
+                                      grad_outputs,
+                                      /*extra_inputs=*/0,
+                                      /*keep_graph=*/false,
+                                      /*graph_task_runs_all=*/true);
+            } catch (...) {
+              state->release();
+              throw;
+            }
+          });
+    }
+    if (s > 0) {
+      return grad_inputs;
+    }
+    auto x = std::exchange(first_inputs_[ii], {});
+    std::vector<torch::Tensor> roots;
+    std::vector<torch::Tensor> grads;
+    for (size_t k = 0; k < x.size() && k < grad_inputs.size(); ++k) {
+      if (grad_inputs[k].defined() && x[k].requires_grad()) {
+        roots.push_back(x[k]);
+        grads.push_back(grad_inputs[k]);
+      }
+    }
+    if (!roots.empty()) {
+      torch::autograd::backward(roots, grads);
+    }
+    return Bundle();
+  }
+
+  void backward_weight(int64_t s, int64_t i) override {
+    auto state = std::exchange(
+        states_[static_cast<size_t>(s)][static_cast<size_t>(i)], {});
+    if (!state) {
+      return;
+    }
+    with_cell_context({i, s}, "backward_weight", [&] {
+      try {
+        state->backward_weight();
+      } catch (...) {
+        state->release();
+        throw;
+      }
+    });
+  }
+
+  std::vector<torch::Tensor> loss_values;
+
+ private:
+  Host& pipe_;
+  const std::vector<Bundle>& inputs_;
+  std::vector<torch::Tensor> targets_;
+  const LossFunction& loss_fn_;
+  double batch_;
+  std::shared_ptr<PipeCall> call_;
+  bool needs_graph_;
+  int64_t m_;
+  int64_t n_;
+  // Per [stage][micro-batch]: the cell, from its F to its B (or W).
+  std::vector<std::vector<c10::intrusive_ptr<StageState>>> states_;
+  std::vector<std::vector<size_t>> input_counts_;
+  std::vector<Bundle> first_inputs_; // for the inputs' gradients
+  std::vector<torch::Tensor> last_outputs_; // the losses' leaves
+  std::vector<torch::Tensor> losses_;
+};
+
+} // namespace gpipe::detail

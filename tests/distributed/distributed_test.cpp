@@ -1,0 +1,551 @@
+// The pipe across processes: real ranks over Gloo on 127.0.0.1, started by
+// the test itself (multiprocess.h), compared with plain training of the same
+// seeded model in each rank, and failing as the README promises.
+#include "multiprocess.h"
+
+#include <gpipe/distributed.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace mp = gpipe_test::multiprocess;
+namespace gd = gpipe::distributed;
+using gpipe::Checkpoint;
+using gpipe::Reduction;
+using gpipe::Schedule;
+
+constexpr Schedule kSchedules[] = {
+    Schedule::FillDrain,
+    Schedule::OneFOneB,
+    Schedule::Interleaved1F1B,
+    Schedule::ZeroBubbleH1};
+constexpr Checkpoint kModes[] = {
+    Checkpoint::Never,
+    Checkpoint::ExceptLast,
+    Checkpoint::Always};
+
+// ---------------------------------------------------------------------------
+// What the ranks run.
+// ---------------------------------------------------------------------------
+
+/// 8 Linear(5, 5) + Tanh pairs in double, seeded: every rank builds the same.
+torch::nn::Sequential make_model() {
+  torch::manual_seed(7);
+  torch::nn::Sequential seq;
+  for (int l = 0; l < 8; ++l) {
+    seq->push_back(torch::nn::Linear(5, 5));
+    seq->push_back(torch::nn::Tanh());
+  }
+  seq->to(torch::kFloat64);
+  return seq;
+}
+
+torch::Tensor loss_of(
+    const torch::Tensor& out,
+    const torch::Tensor& target,
+    Reduction reduction) {
+  return torch::mse_loss(
+      out,
+      target,
+      reduction == Reduction::Mean ? torch::Reduction::Mean
+                                   : torch::Reduction::Sum);
+}
+
+int64_t arg(
+    const std::map<std::string, std::string>& args,
+    const char* key,
+    int64_t fallback) {
+  const auto found = args.find(key);
+  return found == args.end() ? fallback : std::stoll(found->second);
+}
+
+/// The layer name in the whole Sequential of a pipe's parameter name
+/// ("stage3.6.weight" of a builder pipe is "6.weight").
+std::string plain_name(const std::string& name) {
+  if (name.rfind("stage", 0) == 0) {
+    return name.substr(name.find('.') + 1);
+  }
+  return name;
+}
+
+/// Trains a DistributedGPipe and plain training of the global batch side by
+/// side for `steps` SGD steps on every schedule and checkpoint mode asked
+/// for; returns the number of mismatches (each printed).
+int train_like_plain(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const int64_t stages = arg(args, "stages", world->size());
+  const int64_t steps = arg(args, "steps", 1);
+  const bool all_modes = arg(args, "all_modes", 0) != 0;
+  const bool builder = arg(args, "builder", 0) != 0;
+  const int64_t replicas = world->size() / stages;
+  std::vector<int64_t> microbatch_counts;
+  for (const char c : args.at("m")) {
+    if (c != ':') {
+      microbatch_counts.push_back(c - '0');
+    }
+  }
+  int failures = 0;
+  int checks = 0;
+  const auto expect_close = [&](const torch::Tensor& got,
+                                const torch::Tensor& want,
+                                const std::string& what) {
+    const bool same = got.defined() == want.defined() &&
+        (!got.defined() ||
+         torch::allclose(got.to(torch::kCPU), want, 1e-9, 1e-11));
+    ++checks;
+    if (!same) {
+      ++failures;
+      std::cout << "MISMATCH " << what << "\n got " << got << "\n want " << want
+                << std::endl;
+    }
+  };
+  for (const Reduction reduction : {Reduction::Mean, Reduction::Sum}) {
+    if (reduction == Reduction::Sum && arg(args, "sum", 0) == 0) {
+      continue;
+    }
+    for (const Schedule schedule : kSchedules) {
+      for (const Checkpoint mode : kModes) {
+        if (!all_modes && mode != Checkpoint::ExceptLast) {
+          continue;
+        }
+        for (const int64_t m : microbatch_counts) {
+          const std::string what = std::string("schedule ") +
+              gpipe::to_string(schedule) + ", checkpoint " +
+              gpipe::to_string(mode) + ", m " + std::to_string(m) + ", " +
+              gpipe::to_string(reduction);
+          auto plain = make_model();
+          auto options = gd::DistributedOptions(stages)
+                             .microbatches(m)
+                             .schedule(schedule)
+                             .checkpoint(mode)
+                             .loss_reduction(reduction)
+                             .stages_per_rank(
+                                 schedule == Schedule::Interleaved1F1B ? 2 : 1);
+          std::vector<int64_t> built;
+          gd::DistributedGPipe pipe(nullptr);
+          if (builder) {
+            const auto whole = make_model();
+            const int64_t n = stages * options.stages_per_rank();
+            const auto balance = gpipe::detail::resolve_balance(
+                static_cast<int64_t>(whole->size()), n, {});
+            pipe = gd::DistributedGPipe(
+                world,
+                [&](int64_t s) {
+                  built.push_back(s);
+                  torch::nn::Sequential stage;
+                  int64_t first = 0;
+                  for (int64_t k = 0; k < s; ++k) {
+                    first += balance[static_cast<size_t>(k)];
+                  }
+                  for (int64_t l = first;
+                       l < first + balance[static_cast<size_t>(s)];
+                       ++l) {
+                    stage->push_back(std::to_string(l), whole->begin()[l]);
+                  }
+                  return stage;
+                },
+                options);
+            if (built != pipe->my_stages()) {
+              ++failures;
+              std::cout << "MISMATCH the builder built other stages than "
+                           "this rank's"
+                        << std::endl;
+            }
+          } else {
+            pipe = gd::DistributedGPipe(world, make_model(), options);
+          }
+          torch::manual_seed(11);
+          for (int64_t step = 0; step < steps; ++step) {
+            // Uneven: 11 samples, replica shards of 6 and 5.
+            const auto x = torch::randn({11, 5}, torch::kFloat64);
+            const auto y = torch::randn({11, 5}, torch::kFloat64);
+            plain->zero_grad();
+            const auto want = loss_of(plain->forward(x), y, reduction);
+            want.backward();
+            const auto shard_x =
+                torch::tensor_split(x, replicas)[pipe->replica()];
+            const auto shard_y =
+                torch::tensor_split(y, replicas)[pipe->replica()];
+            pipe->zero_grad();
+            const auto got = pipe->step(
+                pipe->is_first() ? shard_x : torch::Tensor(),
+                pipe->is_last() ? shard_y : torch::Tensor(),
+                [&](const torch::Tensor& out, const torch::Tensor& target) {
+                  return loss_of(out, target, reduction);
+                });
+            expect_close(
+                got,
+                want.detach(),
+                what + ": loss of step " + std::to_string(step));
+            auto reference = plain->named_parameters();
+            for (const auto& p : pipe->named_parameters()) {
+              const auto& q = reference[plain_name(p.key())];
+              expect_close(
+                  p.value().grad(),
+                  q.grad(),
+                  what + ": gradient of " + p.key() + " at step " +
+                      std::to_string(step));
+            }
+            torch::NoGradGuard no_grad;
+            for (auto& q : plain->parameters()) {
+              q.sub_(0.1 * q.grad());
+            }
+            for (auto& p : pipe->parameters()) {
+              p.sub_(0.1 * p.grad());
+            }
+          }
+          auto reference = plain->named_parameters();
+          for (const auto& p : pipe->named_parameters()) {
+            expect_close(
+                p.value(),
+                reference[plain_name(p.key())],
+                what + ": weight " + p.key() + " after the steps");
+          }
+        }
+      }
+    }
+  }
+  std::cout << "RESULT checks=" << checks << std::endl;
+  std::cout << "RESULT mismatches=" << failures << std::endl;
+  return failures == 0 ? 0 : 1;
+}
+
+/// Raises the fault `kind` on rank `at` from its second step on.
+struct TrapImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) {
+    if (armed) {
+      if (kind == "throw") {
+        throw std::runtime_error("the trap sprang in forward");
+      }
+      if (kind == "exit") {
+        std::exit(3);
+      }
+      if (kind == "kill") {
+        std::raise(SIGKILL);
+      }
+      if (kind == "stuck") {
+        std::this_thread::sleep_for(std::chrono::hours(1));
+      }
+    }
+    return x;
+  }
+  std::string kind;
+  bool armed = false;
+};
+TORCH_MODULE(Trap);
+
+int fault(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const std::string kind = args.at("kind");
+  const int64_t at = arg(args, "at", 1);
+  auto model = make_model();
+  Trap trap;
+  trap->kind = kind;
+  // The trap sits in the middle of rank `at`'s stage.
+  const int64_t per_stage = 16 / world->size();
+  torch::nn::Sequential seq;
+  for (size_t l = 0; l < model->size(); ++l) {
+    if (static_cast<int64_t>(l) == at * per_stage + 1) {
+      seq->push_back(trap);
+    }
+    seq->push_back(model->begin()[static_cast<int64_t>(l)]);
+  }
+  std::vector<int64_t> balance(static_cast<size_t>(world->size()), per_stage);
+  balance[static_cast<size_t>(at)] += 1;
+  gd::DistributedGPipe pipe(
+      world,
+      seq,
+      gd::DistributedOptions(world->size())
+          .microbatches(4)
+          .balance(balance)
+          .schedule(Schedule::OneFOneB));
+  const bool loss_throws = kind == "loss" && pipe->is_last();
+  const auto x = torch::randn({8, 5}, torch::kFloat64);
+  const auto y = torch::randn({8, 5}, torch::kFloat64);
+  for (int step = 0; step < 2; ++step) {
+    trap->armed = step == 1 && world->rank() == at;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      pipe->step(x, y, [&](const torch::Tensor& out, const torch::Tensor& t) {
+        if (step == 1 && loss_throws) {
+          throw std::runtime_error("the loss function failed");
+        }
+        return torch::mse_loss(out, t);
+      });
+    } catch (const std::exception& e) {
+      std::string message = e.what();
+      message = message.substr(0, message.find('\n'));
+      std::cout << "RESULT error=" << message << std::endl;
+      std::cout << "RESULT seconds="
+                << std::chrono::duration<double>(
+                       std::chrono::steady_clock::now() - start)
+                       .count()
+                << std::endl;
+      try {
+        pipe->step(x, y, [](const torch::Tensor& out, const torch::Tensor& t) {
+          return torch::mse_loss(out, t);
+        });
+      } catch (const std::exception& again) {
+        message = again.what();
+        std::cout << "RESULT again=" << message.substr(0, message.find('\n'))
+                  << std::endl;
+      }
+      return step == 1 ? 0 : 2;
+    }
+  }
+  std::cout << "RESULT error=none" << std::endl;
+  return 1;
+}
+
+/// Builds a pipe with a bad configuration and reports the error.
+int configuration(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const std::string kind = args.at("kind");
+  try {
+    auto options = gd::DistributedOptions(arg(args, "stages", world->size()))
+                       .microbatches(2);
+    if (kind == "options" && world->rank() == 1) {
+      options.microbatches(4);
+    }
+    auto model = make_model();
+    if (kind == "model" && world->rank() == 1) {
+      model->push_back(torch::nn::Identity());
+    }
+    gd::DistributedGPipe pipe(world, model, options);
+    std::cout << "RESULT error=none" << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::string message = e.what();
+    std::cout << "RESULT error=" << message.substr(0, message.find('\n'))
+              << std::endl;
+    return 0;
+  }
+}
+
+int run_scenario(const std::string& scenario) {
+  torch::set_num_threads(1);
+  const auto args = mp::arguments();
+  std::shared_ptr<gd::World> world;
+  try {
+    world = gd::World::connect(gd::WorldOptions().timeout(
+        std::chrono::milliseconds(arg(args, "timeout_ms", 20000))));
+  } catch (const std::exception& e) {
+    std::string message = e.what();
+    std::cout << "RESULT error=" << message.substr(0, message.find('\n'))
+              << std::endl;
+    return scenario == "connect" ? 0 : 1;
+  }
+  if (scenario == "train") {
+    return train_like_plain(world);
+  }
+  if (scenario == "fault") {
+    return fault(world);
+  }
+  if (scenario == "configuration") {
+    return configuration(world);
+  }
+  std::cout << "unknown scenario " << scenario << std::endl;
+  return 1;
+}
+
+// ---------------------------------------------------------------------------
+// The tests: each starts the ranks and judges how they ended.
+// ---------------------------------------------------------------------------
+
+void expect_all_succeeded(const std::vector<mp::Outcome>& outcomes) {
+  for (const auto& outcome : outcomes) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+  }
+}
+
+TEST(
+    Distributed,
+    TwoRanksTrainLikePlainOnEveryScheduleCheckpointModeAndMicrobatchCount) {
+  expect_all_succeeded(
+      mp::run({"train", "stages=2,all_modes=1,m=1:3:8,sum=1", /*world=*/2}));
+}
+
+TEST(Distributed, FourRanksTrainLikePlainForSeveralOptimizerSteps) {
+  expect_all_succeeded(
+      mp::run({"train", "stages=4,m=3:8,steps=3", /*world=*/4}));
+}
+
+TEST(Distributed, TwoReplicasOfTwoStagesTrainLikePlainOnTheGlobalBatch) {
+  expect_all_succeeded(
+      mp::run({"train", "stages=2,m=3,steps=2,sum=1", /*world=*/4}));
+}
+
+TEST(
+    Distributed,
+    APipeBuiltStageByStageBuildsOnlyItsOwnStagesAndTrainsLikePlain) {
+  expect_all_succeeded(
+      mp::run({"train", "stages=2,m=3,steps=2,builder=1", /*world=*/2}));
+}
+
+/// Every rank that did not die reports the failed rank within `bound`.
+void expect_everyone_names(
+    const std::vector<mp::Outcome>& outcomes,
+    int failed,
+    const std::string& cause,
+    double bound,
+    bool failed_rank_reports) {
+  for (const auto& outcome : outcomes) {
+    if (outcome.rank == failed && !failed_rank_reports) {
+      continue;
+    }
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    const std::string error = outcome.result("error");
+    if (outcome.rank != failed) { // the failed rank gets its own error
+      EXPECT_NE(
+          error.find("gpipe: rank " + std::to_string(failed) + " (stage "),
+          std::string::npos)
+          << outcome;
+    }
+    EXPECT_NE(error.find(cause), std::string::npos) << outcome;
+    const double seconds = std::stod("0" + outcome.result("seconds"));
+    std::cout << "rank " << outcome.rank << " failed after " << seconds
+              << " s: " << error << std::endl;
+    EXPECT_LT(seconds, bound) << outcome;
+    EXPECT_NE(
+        outcome.result("again").find(
+            "a previous step of this distributed pipe failed"),
+        std::string::npos)
+        << outcome;
+  }
+}
+
+TEST(
+    Distributed,
+    AnExceptionInOneRanksForwardFailsEveryRankNamingItsStageAndMicrobatch) {
+  const auto outcomes =
+      mp::run({"fault", "kind=throw,at=2,timeout_ms=20000", /*world=*/4});
+  expect_everyone_names(outcomes, 2, "the trap sprang in forward", 10.0, true);
+  EXPECT_NE(
+      outcomes[0].result("error").find("micro-batch 0"), std::string::npos)
+      << outcomes[0];
+}
+
+TEST(Distributed, AnExceptionInTheLossFunctionFailsEveryRank) {
+  const auto outcomes =
+      mp::run({"fault", "kind=loss,at=1,timeout_ms=20000", /*world=*/4});
+  expect_everyone_names(outcomes, 3, "the loss function failed", 10.0, true);
+}
+
+TEST(Distributed, ARankThatExitsFailsEveryOtherRankWithinSeconds) {
+  const auto outcomes =
+      mp::run({"fault", "kind=exit,at=1,timeout_ms=20000", /*world=*/4});
+  EXPECT_TRUE(outcomes[1].exited && outcomes[1].code == 3) << outcomes[1];
+  expect_everyone_names(outcomes, 1, "exited", 10.0, false);
+}
+
+TEST(Distributed, ARankKilledBySigkillFailsEveryOtherRankWithinSeconds) {
+  const auto outcomes =
+      mp::run({"fault", "kind=kill,at=2,timeout_ms=20000", /*world=*/4});
+  EXPECT_TRUE(!outcomes[2].exited && outcomes[2].code == SIGKILL)
+      << outcomes[2];
+  expect_everyone_names(outcomes, 2, "exited", 10.0, false);
+}
+
+TEST(Distributed, AStuckRankFailsItsNeighboursAfterTheTimeout) {
+  const auto outcomes = mp::run(
+      {"fault",
+       "kind=stuck,at=1,timeout_ms=3000",
+       /*world=*/2,
+       std::chrono::seconds(12)});
+  EXPECT_TRUE(outcomes[1].killed_at_deadline) << outcomes[1];
+  const auto& survivor = outcomes[0];
+  EXPECT_TRUE(survivor.succeeded()) << survivor;
+  EXPECT_NE(survivor.result("error").find("gpipe: rank 1"), std::string::npos)
+      << survivor;
+  EXPECT_NE(
+      survivor.result("error").find("sent nothing for 3000 ms"),
+      std::string::npos)
+      << survivor;
+  const double seconds = std::stod("0" + survivor.result("seconds"));
+  std::cout << "rank 0 failed after " << seconds
+            << " s: " << survivor.result("error") << std::endl;
+  EXPECT_GE(seconds, 2.9) << survivor;
+  EXPECT_LT(seconds, 8.0) << survivor;
+}
+
+TEST(Distributed, AWorldSizeThatIsNotReplicasTimesStagesIsAnErrorOnEveryRank) {
+  for (const auto& outcome :
+       mp::run({"configuration", "kind=world,stages=3", /*world=*/4})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_NE(
+        outcome.result("error").find(
+            "gpipe: the world size 4 is not replicas x stages: 3 stages do not divide 4 ranks"),
+        std::string::npos)
+        << outcome;
+  }
+}
+
+TEST(Distributed, RanksBuiltWithDifferentOptionsOrModelsAreAnErrorOnEveryRank) {
+  for (const std::string kind : {"options", "model"}) {
+    for (const auto& outcome :
+         mp::run({"configuration", "kind=" + kind, /*world=*/2})) {
+      EXPECT_TRUE(outcome.succeeded()) << kind << ": " << outcome;
+      EXPECT_NE(
+          outcome.result("error").find("built different pipes"),
+          std::string::npos)
+          << kind << ": " << outcome;
+    }
+  }
+}
+
+TEST(Distributed, AMissingEnvironmentIsAnErrorNamingTheVariables) {
+  mp::Job job{"connect", "", /*world=*/1};
+  job.set_rank_environment = false;
+  const auto outcomes = mp::run(job);
+  EXPECT_TRUE(outcomes[0].succeeded()) << outcomes[0];
+  EXPECT_NE(
+      outcomes[0].result("error").find(
+          "missing: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"),
+      std::string::npos)
+      << outcomes[0];
+}
+
+TEST(Distributed, APortAlreadyInUseIsAnErrorOnTheRankThatHostsTheStore) {
+  // Something else listens on the port.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  ASSERT_EQ(
+      bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(listen(fd, 4), 0);
+  socklen_t length = sizeof(address);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  mp::Job job{"connect", "timeout_ms=3000", /*world=*/1};
+  job.port = ntohs(address.sin_port);
+  const auto outcomes = mp::run(job);
+  close(fd);
+  EXPECT_TRUE(outcomes[0].succeeded()) << outcomes[0];
+  EXPECT_NE(
+      outcomes[0].result("error").find(
+          "could not host the store on 127.0.0.1:" + std::to_string(job.port)),
+      std::string::npos)
+      << outcomes[0];
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  if (const char* scenario = std::getenv("GPIPE_TEST_SCENARIO")) {
+    return run_scenario(scenario);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
