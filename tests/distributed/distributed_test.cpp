@@ -462,7 +462,7 @@ TEST(Distributed, AStuckRankFailsItsNeighboursAfterTheTimeout) {
       {"fault",
        "kind=stuck,at=1,timeout_ms=3000",
        /*world=*/2,
-       std::chrono::seconds(12)});
+       std::chrono::seconds(8)});
   EXPECT_TRUE(outcomes[1].killed_at_deadline) << outcomes[1];
   const auto& survivor = outcomes[0];
   EXPECT_TRUE(survivor.succeeded()) << survivor;

@@ -28,6 +28,7 @@
 #include <gpipe/detail/executor.h>
 #include <gpipe/detail/microbatch.h>
 #include <gpipe/detail/partition.h>
+#include <gpipe/detail/skip_layout.h>
 #include <gpipe/detail/stage.h>
 #include <gpipe/detail/step_runner.h>
 #include <gpipe/distributed/transport.h>
@@ -118,6 +119,18 @@ class DistributedGPipeImpl : public torch::nn::Module {
     place();
     options.balance(gpipe::detail::resolve_balance(
         static_cast<int64_t>(sequential->size()), n_, options.balance()));
+    const auto skips =
+        gpipe::detail::skip_layout(sequential, options.balance());
+    TORCH_CHECK(
+        skips.empty(),
+        "gpipe: skip '",
+        skips.empty() ? std::string() : skips.routes.front().name,
+        "' crosses from stage ",
+        skips.empty() ? 0 : skips.routes.front().from,
+        " to stage ",
+        skips.empty() ? 0 : skips.routes.front().to,
+        "; across processes a skip must stay within one stage (choose the ",
+        "balance so that its stash and pop share a stage)");
     auto parts = gpipe::detail::split_sequential(sequential, options.balance());
     std::ostringstream model;
     for (int64_t s = 0; s < n_; ++s) {
@@ -160,6 +173,9 @@ class DistributedGPipeImpl : public torch::nn::Module {
           !stage.is_empty() && stage->size() > 0,
           "gpipe: the stage builder returned an empty Sequential for stage ",
           s);
+      // Its skips must stay inside it (a skip to another stage is "never
+      // popped" or "popped before it was stashed" here).
+      gpipe::detail::skip_layout(stage, {static_cast<int64_t>(stage->size())});
       partitions_[static_cast<size_t>(s)] = stage;
       register_module("stage" + std::to_string(s), stage);
     }
