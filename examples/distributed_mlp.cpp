@@ -40,7 +40,10 @@ constexpr const char* kUsage =
     "  --checkpoint MODE    never, except_last, always (default never)\n"
     "  --steps N            timed steps (default 5)\n"
     "  --warmup N           untimed steps first (default 1)\n"
-    "  --check 0|1          check the first step's gradients (default 1)\n";
+    "  --check 0|1          check the first step's gradients (default 1)\n"
+    "  --fail-in-first-attempt 0|1\n"
+    "                       the last rank's loss function throws in torchrun's\n"
+    "                       first attempt (shows a restart; default 0)\n";
 
 struct Flags {
   gpipe::Schedule schedule = gpipe::Schedule::FillDrain;
@@ -54,6 +57,7 @@ struct Flags {
   int64_t steps = 5;
   int64_t warmup = 1;
   bool check = true;
+  bool fail_in_first_attempt = false;
 };
 
 Flags parse_flags(int argc, char** argv) {
@@ -101,6 +105,9 @@ Flags parse_flags(int argc, char** argv) {
           flags.warmup = parse_int(kProgram, name, value, 0);
         } else if (name == "check") {
           flags.check = parse_int(kProgram, name, value, 0) != 0;
+        } else if (name == "fail-in-first-attempt") {
+          flags.fail_in_first_attempt =
+              parse_int(kProgram, name, value, 0) != 0;
         } else {
           gpipe_example::usage_error(
               kProgram, "unknown flag (got: --" + name + ")");
@@ -135,10 +142,10 @@ void set(c10d::Store& store, const std::string& key, const std::string& text) {
 
 } // namespace
 
-int main(int argc, char** argv) {
-  const Flags flags = parse_flags(argc, argv);
-  torch::set_num_threads(1);
+int train(const Flags& flags) {
   auto world = gpipe::distributed::World::connect();
+  std::cout << "rank " << world->rank() << " of " << world->size()
+            << ": attempt " << world->attempt() << std::endl;
   const int64_t stages = flags.stages == 0 ? world->size() : flags.stages;
   auto model = make_model(flags);
   auto reference =
@@ -153,7 +160,13 @@ int main(int argc, char** argv) {
               flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1)
           .checkpoint(flags.checkpoint));
   model = nullptr; // this rank keeps only its own stages
-  const auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& y) {
+  const bool inject = flags.fail_in_first_attempt && world->attempt() == 0 &&
+      world->rank() == world->size() - 1;
+  int64_t losses = 0;
+  const auto loss_fn = [&](const torch::Tensor& out, const torch::Tensor& y) {
+    if (inject && ++losses > flags.microbatches) { // after the first step
+      throw std::runtime_error("injected failure (--fail-in-first-attempt)");
+    }
     return torch::mse_loss(out, y);
   };
   torch::manual_seed(1);
@@ -246,4 +259,18 @@ int main(int argc, char** argv) {
   }
   world->group()->barrier()->wait(); // rank 0 may host the store
   return matches ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  const Flags flags = parse_flags(argc, argv);
+  torch::set_num_threads(1);
+  try {
+    return train(flags);
+  } catch (const std::exception& e) {
+    // Non-zero, so that torchrun --max-restarts restarts the job.
+    std::string message = e.what();
+    std::cerr << kProgram << ": " << message.substr(0, message.find('\n'))
+              << std::endl;
+    return 1;
+  }
 }

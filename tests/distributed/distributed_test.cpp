@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -89,12 +90,18 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
   const bool all_modes = arg(args, "all_modes", 0) != 0;
   const bool builder = arg(args, "builder", 0) != 0;
   const int64_t replicas = world->size() / stages;
-  std::vector<int64_t> microbatch_counts;
-  for (const char c : args.at("m")) {
-    if (c != ':') {
-      microbatch_counts.push_back(c - '0');
+  const auto numbers = [&](const char* key, const std::string& fallback) {
+    std::vector<int64_t> values;
+    std::stringstream items(args.count(key) ? args.at(key) : fallback);
+    std::string item;
+    while (std::getline(items, item, ':')) {
+      values.push_back(std::stoll(item));
     }
-  }
+    return values;
+  };
+  const std::vector<int64_t> microbatch_counts = numbers("m", "1");
+  // The global batch of each step, in turn: a new size is agreed anew.
+  const std::vector<int64_t> batches = numbers("batches", "11");
   int failures = 0;
   int checks = 0;
   const auto expect_close = [&](const torch::Tensor& got,
@@ -167,9 +174,11 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
           }
           torch::manual_seed(11);
           for (int64_t step = 0; step < steps; ++step) {
-            // Uneven: 11 samples, replica shards of 6 and 5.
-            const auto x = torch::randn({11, 5}, torch::kFloat64);
-            const auto y = torch::randn({11, 5}, torch::kFloat64);
+            // Uneven: 11 samples give replica shards of 6 and 5.
+            const int64_t batch =
+                batches[static_cast<size_t>(step) % batches.size()];
+            const auto x = torch::randn({batch, 5}, torch::kFloat64);
+            const auto y = torch::randn({batch, 5}, torch::kFloat64);
             plain->zero_grad();
             const auto want = loss_of(plain->forward(x), y, reduction);
             want.backward();
@@ -308,6 +317,56 @@ int fault(const std::shared_ptr<gd::World>& world) {
   return 1;
 }
 
+/// Widens its input by a zero column on every other call: its output's
+/// shape changes while the pipe's input shape does not.
+struct WidenImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) {
+    return calls++ % 2 == 0
+        ? x
+        : torch::cat({x, torch::zeros({x.size(0), 1}, x.options())}, 1);
+  }
+  int64_t calls = 0;
+};
+TORCH_MODULE(Widen);
+
+/// Keeps the first `width` columns.
+struct NarrowImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) {
+    return x.narrow(1, 0, 5);
+  }
+};
+TORCH_MODULE(Narrow);
+
+/// Two steps of a model whose activation shapes change between steps of one
+/// input shape; reports the error, if any.
+int dynamic_shapes(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  torch::manual_seed(3);
+  torch::nn::Sequential seq(
+      torch::nn::Linear(5, 5), Widen(), Narrow(), torch::nn::Linear(5, 5));
+  seq->to(torch::kFloat64);
+  gd::DistributedGPipe pipe(
+      world,
+      seq,
+      gd::DistributedOptions(2).microbatches(1).agree_shapes_every_step(
+          arg(args, "every_step", 0) != 0));
+  const auto x = torch::randn({4, 5}, torch::kFloat64);
+  try {
+    for (int step = 0; step < 2; ++step) {
+      pipe->step(x, x, [](const torch::Tensor& out, const torch::Tensor& t) {
+        return torch::mse_loss(out, t);
+      });
+    }
+  } catch (const std::exception& e) {
+    std::string message = e.what();
+    std::cout << "RESULT error=" << message.substr(0, message.find('\n'))
+              << std::endl;
+    return 0;
+  }
+  std::cout << "RESULT error=none" << std::endl;
+  return 0;
+}
+
 /// Builds a pipe with a bad configuration and reports the error.
 int configuration(const std::shared_ptr<gd::World>& world) {
   const auto args = mp::arguments();
@@ -352,6 +411,9 @@ int run_scenario(const std::string& scenario) {
   if (scenario == "fault") {
     return fault(world);
   }
+  if (scenario == "dynamic") {
+    return dynamic_shapes(world);
+  }
   if (scenario == "configuration") {
     return configuration(world);
   }
@@ -379,6 +441,29 @@ TEST(
 TEST(Distributed, FourRanksTrainLikePlainForSeveralOptimizerSteps) {
   expect_all_succeeded(
       mp::run({"train", "stages=4,m=3:8,steps=3", /*world=*/4}));
+}
+
+TEST(Distributed, ABatchOfAnotherSizeIsAgreedAnewAndTrainsLikePlain) {
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=3,steps=4,batches=11:7:11:4", /*world=*/4}));
+}
+
+TEST(
+    Distributed,
+    ShapesThatChangeUnderTheSameInputShapeAreAnErrorUnlessAgreedEveryStep) {
+  for (const auto& outcome :
+       mp::run({"dynamic", "every_step=0", /*world=*/2})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_NE(
+        outcome.result("error").find("agree_shapes_every_step(true)"),
+        std::string::npos)
+        << outcome;
+  }
+  for (const auto& outcome :
+       mp::run({"dynamic", "every_step=1", /*world=*/2})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_EQ(outcome.result("error"), "none") << outcome;
+  }
 }
 
 TEST(Distributed, TwoReplicasOfTwoStagesTrainLikePlainOnTheGlobalBatch) {

@@ -81,6 +81,10 @@ struct DistributedOptions {
   /// Layers per (virtual) stage, when built from a whole Sequential; empty:
   /// as even as the layer count allows.
   TORCH_ARG(std::vector<int64_t>, balance) = {};
+  /// Send every bundle's shapes with it, for a model whose activation
+  /// shapes change while the input's do not (Note [Shapes are agreed once
+  /// per batch shape]); costs a message per bundle.
+  TORCH_ARG(bool, agree_shapes_every_step) = false;
   /// Where this rank's stages run. Tensors travel between ranks over Gloo,
   /// staged through the CPU when this is a CUDA device.
   TORCH_ARG(torch::Device, device) = torch::kCPU;
@@ -95,7 +99,9 @@ inline std::ostream& operator<<(
                 << ", schedule=" << options.schedule()
                 << ", checkpoint=" << options.checkpoint()
                 << ", loss_reduction=" << to_string(options.loss_reduction())
-                << ", balance=[" << c10::Join(", ", options.balance()) << "]";
+                << ", balance=[" << c10::Join(", ", options.balance()) << "]"
+                << ", agree_shapes_every_step="
+                << options.agree_shapes_every_step();
 }
 
 class DistributedGPipeImpl : public torch::nn::Module {
@@ -311,6 +317,12 @@ class DistributedGPipeImpl : public torch::nn::Module {
   void finish_construction(const std::string& whole_model) {
     const std::string prefix = world_->next_pipe_prefix();
     board_ = std::make_unique<detail::FailureBoard>(world_->store(), prefix);
+    transport_ = std::make_unique<detail::ProcessGroupTransport>(
+        world_->group(),
+        rank_of_stage_,
+        *board_,
+        [this](int64_t rank) { return describe(rank); },
+        world_->timeout());
     to(options.device());
     for (size_t s = 0; s < partitions_.size(); ++s) {
       traits_.push_back(std::make_unique<gpipe::detail::PartitionTraits>());
@@ -562,12 +574,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     TORCH_CHECK(
         torch::GradMode::is_enabled(),
         "gpipe: step runs backward and cannot run with grad mode disabled");
-    detail::ProcessGroupTransport transport(
-        world_->group(),
-        rank_of_stage_,
-        *board_,
-        [this](int64_t rank) { return describe(rank); },
-        world_->timeout());
+    auto& transport = *transport_;
     try {
       detail::Watchdog watchdog(*board_, transport);
       auto loss =
@@ -594,7 +601,9 @@ class DistributedGPipeImpl : public torch::nn::Module {
     const int64_t first_rank = rank_of_stage_.front();
     const int64_t last_rank = rank_of_stage_.back();
     // The batch: known to the first stage, told to the others.
-    auto batch_message = torch::zeros({3}, torch::kInt64);
+    // [batch, micro-batches, input is a list, the step's signature (Note
+    // [Shapes are agreed once per batch shape])].
+    auto batch_message = torch::zeros({4}, torch::kInt64);
     std::vector<gpipe::detail::Bundle> inputs;
     if (is_first()) {
       gpipe::detail::check_bundle(input, "input");
@@ -604,6 +613,14 @@ class DistributedGPipeImpl : public torch::nn::Module {
       batch_message[0] = batch;
       batch_message[1] = static_cast<int64_t>(inputs.size());
       batch_message[2] = is_list ? 1 : 0;
+      std::ostringstream signature;
+      signature << batch << " " << inputs.size() << " " << is_list;
+      for (const auto& tensor : input) {
+        signature << " " << tensor.scalar_type() << tensor.sizes()
+                  << tensor.requires_grad();
+      }
+      batch_message[3] =
+          static_cast<int64_t>(std::hash<std::string>{}(signature.str()));
       for (int64_t p = 1; p < options.stages(); ++p) {
         transport.send_control(
             batch_message, replica_ * options.stages() + p, kBatch);
@@ -653,12 +670,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
         call,
         /*needs_graph=*/true);
     gpipe::detail::Executor executor(program, runner, transport);
-    transport.begin(call.get());
+    transport.begin(
+        call.get(),
+        batch_message[3].item<int64_t>(),
+        options.agree_shapes_every_step());
     {
       c10::DeviceGuard on_device(options.device());
       executor.run_one_lane(static_cast<size_t>(position_));
     }
-    transport.begin(nullptr);
+    transport.end();
     lane_gradients.deliver();
     call->lane_gradients = nullptr;
     // The loss: known to the last stage, told to the others.
@@ -779,6 +799,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
   std::vector<std::unique_ptr<gpipe::detail::PartitionTraits>> traits_;
   std::map<int64_t, Program> programs_;
   std::unique_ptr<detail::FailureBoard> board_;
+  std::unique_ptr<detail::ProcessGroupTransport> transport_;
   c10::intrusive_ptr<c10d::Backend> data_group_; // null: one replica
   bool broken_ = false;
   std::string broken_reason_;

@@ -1,13 +1,19 @@
 // The executor's Transport between processes: bundles as Gloo messages.
 //
-// Why a header per bundle: a receiver must allocate exactly what arrives,
-// and a pipe learns its activations' shapes only by running (a batch of
-// another size, a last micro-batch smaller than the others, a layer that
-// returns a list). So each bundle is sent as a small fixed-size header
-// (how many tensors, whether they form a list, and each tensor's dtype,
-// shape and requires_grad), then one message per defined tensor. Shapes are
-// thus agreed on every message without the user's annotation, and what
-// arrives is checked against its header, never reinterpreted.
+// Note [Shapes are agreed once per batch shape]
+// A receiver must allocate exactly what arrives, and a pipe learns its
+// activations' shapes only by running (a batch of another size, a last
+// micro-batch smaller than the others, a layer that returns a list). So the
+// first time a bundle travels for a given step signature (the batch's
+// shapes and dtypes, which the first stage tells every rank at the start of
+// a step) it is preceded by a small fixed-size header: how many tensors,
+// whether they form a list, and each tensor's dtype, shape and
+// requires_grad. Both ends keep that header; in later steps of the same
+// signature the bundle travels without one (on Gloo every message costs a
+// round trip), and the sender checks that what it sends is what was agreed:
+// a model whose shapes change under the same input shapes gets a `gpipe:`
+// error naming DistributedOptions::agree_shapes_every_step, which sends the
+// header every time. Nothing is ever reinterpreted.
 //
 // Note [Sends complete when received]
 // A Gloo send completes only once the peer has posted the matching receive,
@@ -36,13 +42,18 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <iterator>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -147,9 +158,33 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         describe_(std::move(describe)),
         timeout_(timeout) {}
 
-  /// The call whose `output_is_list` flags headers carry and set.
-  void begin(gpipe::detail::PipeCall* call) {
+  /// A step starts (Note [Shapes are agreed once per batch shape]):
+  /// `call`'s `output_is_list` flags are what headers carry and set;
+  /// headers agreed under `signature` are reused unless `agree_every_time`.
+  void begin(
+      gpipe::detail::PipeCall* call,
+      int64_t signature,
+      bool agree_every_time) {
     call_ = call;
+    signature_ = signature;
+    agree_every_time_ = agree_every_time;
+    if (std::find(signatures_.begin(), signatures_.end(), signature) ==
+        signatures_.end()) {
+      signatures_.push_back(signature);
+      if (signatures_.size() > kSignaturesKept) {
+        // Every rank of the pipeline sees the same signatures in the same
+        // order, so both ends of each link forget the same ones.
+        const int64_t oldest = signatures_.front();
+        signatures_.erase(signatures_.begin());
+        for (auto it = agreed_.begin(); it != agreed_.end();) {
+          it = it->first.front() == oldest ? agreed_.erase(it) : std::next(it);
+        }
+      }
+    }
+  }
+
+  void end() {
+    call_ = nullptr;
   }
 
   void send(const Tag& tag, Bundle tensors) override {
@@ -188,7 +223,25 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         kHeaderSize,
         ")");
     header.resize(kHeaderSize, 0);
-    post_send(torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
+    const auto key = key_of(tag);
+    const auto agreed = agreed_.find(key);
+    if (agree_every_time_ || agreed == agreed_.end()) {
+      post_send(torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
+      if (!agree_every_time_) {
+        agreed_.emplace(key, header);
+      }
+    } else {
+      TORCH_CHECK(
+          agreed->second == header,
+          "gpipe: the ",
+          to_string(tag),
+          " has shapes ",
+          describe_header(header),
+          " but an earlier step with the same input shapes sent ",
+          describe_header(agreed->second),
+          "; for a model whose shapes depend on more than the input's, set ",
+          "DistributedOptions::agree_shapes_every_step(true)");
+    }
     for (size_t k = 0; k < tensors.size(); ++k) {
       if (tensors[k].defined()) {
         torch::NoGradGuard no_grad;
@@ -208,9 +261,21 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         tag.direction == Direction::Forward ? tag.stage - 1 : tag.stage + 1;
     const int64_t peer = rank_of_stage_[static_cast<size_t>(from)];
     const std::string what = to_string(tag);
-    auto header = torch::empty({kHeaderSize}, torch::kInt64);
-    receive_into(header, peer, wire_tag(tag, 0), what);
-    const int64_t* h = header.data_ptr<int64_t>();
+    const auto key = key_of(tag);
+    auto agreed = agreed_.find(key);
+    if (agree_every_time_ || agreed == agreed_.end()) {
+      auto received = torch::empty({kHeaderSize}, torch::kInt64);
+      receive_into(received, peer, wire_tag(tag, 0), what);
+      const int64_t* data = received.data_ptr<int64_t>();
+      std::vector<int64_t> header(data, data + kHeaderSize);
+      if (agree_every_time_) {
+        last_header_ = std::move(header);
+      } else {
+        agreed = agreed_.emplace(key, std::move(header)).first;
+      }
+    }
+    const int64_t* h =
+        agree_every_time_ ? last_header_.data() : agreed->second.data();
     const int64_t count = h[0];
     TORCH_CHECK(
         count >= 0 && count <= kMaxBundle,
@@ -306,6 +371,37 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   }
 
  private:
+  static constexpr size_t kSignaturesKept = 16;
+  using Key = std::array<int64_t, 5>; // signature, then the tag
+
+  Key key_of(const Tag& tag) const {
+    return {
+        signature_,
+        tag.stage,
+        tag.microbatch,
+        tag.direction == Direction::Forward ? 0 : 1,
+        tag.channel};
+  }
+
+  /// "[2, 5] Double, undefined" for a message.
+  static std::string describe_header(const std::vector<int64_t>& h) {
+    std::ostringstream text;
+    size_t at = 2;
+    for (int64_t k = 0; k < h[0]; ++k) {
+      text << (k == 0 ? "" : ", ");
+      if (h[at++] == 0) {
+        text << "undefined";
+        continue;
+      }
+      const auto dtype = static_cast<c10::ScalarType>(h[at++]);
+      ++at; // requires_grad
+      const auto dim = static_cast<size_t>(h[at++]);
+      text << c10::IntArrayRef(h.data() + at, dim) << " " << dtype;
+      at += dim;
+    }
+    return text.str();
+  }
+
   struct Pending {
     c10::intrusive_ptr<c10d::Work> work;
     int64_t peer;
@@ -386,6 +482,11 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   std::function<std::string(int64_t)> describe_;
   std::chrono::milliseconds timeout_;
   gpipe::detail::PipeCall* call_ = nullptr;
+  int64_t signature_ = 0;
+  bool agree_every_time_ = false;
+  std::vector<int64_t> signatures_; // oldest first
+  std::map<Key, std::vector<int64_t>> agreed_; // headers, per link and step
+  std::vector<int64_t> last_header_; // when agreeing every time
   std::mutex mutex_;
   std::vector<Pending> sends_;
   c10::intrusive_ptr<c10d::Work> waiting_;
