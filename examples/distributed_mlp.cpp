@@ -12,12 +12,14 @@
 // differs from plain training.
 #include "flags.h"
 
+#include <gpipe/chart.h>
 #include <gpipe/distributed.h>
 
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <numeric>
@@ -41,6 +43,12 @@ constexpr const char* kUsage =
     "  --steps N            timed steps (default 5)\n"
     "  --warmup N           untimed steps first (default 1)\n"
     "  --check 0|1          check the first step's gradients (default 1)\n"
+    "  --picture FILE       the last step's schedule, gathered from every rank\n"
+    "                       (SVG, written by rank 0; none: no picture;\n"
+    "                       default distributed_mlp_schedule.svg)\n"
+    "  --compare-in-process 0|1\n"
+    "                       rank 0 also times the same pipe in one process, a\n"
+    "                       thread per stage: what crossing processes costs\n"
     "  --fail-in-first-attempt 0|1\n"
     "                       the last rank's loss function throws in torchrun's\n"
     "                       first attempt (shows a restart; default 0)\n";
@@ -58,6 +66,8 @@ struct Flags {
   int64_t warmup = 1;
   bool check = true;
   bool fail_in_first_attempt = false;
+  std::string picture = "distributed_mlp_schedule.svg";
+  bool compare_in_process = false;
 };
 
 Flags parse_flags(int argc, char** argv) {
@@ -105,6 +115,10 @@ Flags parse_flags(int argc, char** argv) {
           flags.warmup = parse_int(kProgram, name, value, 0);
         } else if (name == "check") {
           flags.check = parse_int(kProgram, name, value, 0) != 0;
+        } else if (name == "compare-in-process") {
+          flags.compare_in_process = parse_int(kProgram, name, value, 0) != 0;
+        } else if (name == "picture") {
+          flags.picture = value;
         } else if (name == "fail-in-first-attempt") {
           flags.fail_in_first_attempt =
               parse_int(kProgram, name, value, 0) != 0;
@@ -138,6 +152,76 @@ std::string get(c10d::Store& store, const std::string& key) {
 
 void set(c10d::Store& store, const std::string& key, const std::string& text) {
   store.set(key, std::vector<uint8_t>(text.begin(), text.end()));
+}
+
+/// The median step of the same model and batch as one process's pipe, a
+/// lane (thread) per stage: the in-process baseline of a distributed step.
+double in_process_step_ms(const Flags& flags, int64_t stages, int64_t steps) {
+  auto model = make_model(flags);
+  const int64_t n =
+      stages * (flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1);
+  gpipe::GPipe<torch::nn::Sequential> pipe(
+      model,
+      gpipe::GPipeOptions(n)
+          .microbatches(flags.microbatches)
+          .schedule(flags.schedule)
+          .checkpoint(flags.checkpoint)
+          .concurrent_cpu_partitions(true));
+  torch::manual_seed(1);
+  const auto x = torch::randn({flags.batch, flags.width});
+  const auto y = torch::randn({flags.batch, flags.width});
+  const auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
+    return torch::mse_loss(out, t);
+  };
+  std::vector<double> times;
+  for (int64_t k = 0; k < flags.warmup + steps; ++k) {
+    pipe->zero_grad();
+    const auto start = std::chrono::steady_clock::now();
+    pipe->step(x, y, loss_fn);
+    if (k >= flags.warmup) {
+      times.push_back(std::chrono::duration<double, std::milli>(
+                          std::chrono::steady_clock::now() - start)
+                          .count());
+    }
+  }
+  return median(times);
+}
+
+/// Rank 0: every rank's events of the last step (replica 0's pipeline)
+/// drawn next to the schedule's theory, into `flags.picture`.
+void draw_schedule(
+    gpipe::distributed::World& world,
+    gpipe::distributed::DistributedGPipeImpl& pipe,
+    const Flags& flags) {
+  std::vector<gpipe::TimelineEvent> events;
+  for (int64_t r = 0; r < pipe.stages(); ++r) {
+    std::istringstream lines(
+        get(*world.store(), "distributed_mlp/timeline/" + std::to_string(r)));
+    gpipe::TimelineEvent event;
+    int phase = 0;
+    while (lines >> event.partition >> event.microbatch >> phase >>
+           event.start_us >> event.end_us) {
+      event.phase = static_cast<gpipe::Phase>(phase);
+      events.push_back(event);
+    }
+  }
+  const int64_t n = pipe.stages() * pipe.options.stages_per_rank();
+  auto measured = gpipe::measured_schedule(
+      events,
+      "Measured step, " + std::to_string(pipe.stages()) + " ranks (" +
+          flags.schedule_name + ", M=" + std::to_string(flags.microbatches) +
+          ")");
+  for (int64_t s = 0; s < static_cast<int64_t>(measured.row_labels.size());
+       ++s) {
+    measured.row_labels[static_cast<size_t>(s)] = "stage " + std::to_string(s) +
+        " (rank " + std::to_string(s % pipe.stages()) + ")";
+  }
+  const auto theory =
+      gpipe::theoretical_schedule(flags.schedule, n, flags.microbatches);
+  std::ofstream(flags.picture) << gpipe::render_svg({theory, measured});
+  std::cout << "schedule of the last step (theory and measured): "
+            << flags.picture << " (measured bubble " << std::setprecision(3)
+            << gpipe::bubble_fraction(measured) << ")\n";
 }
 
 } // namespace
@@ -213,7 +297,15 @@ int train(const Flags& flags) {
   std::vector<double> times;
   torch::Tensor loss;
   const auto begin = std::chrono::steady_clock::now();
+  const bool draw = flags.picture != "none";
+  auto timeline = std::make_shared<gpipe::Timeline>();
   for (int64_t k = 0; k < flags.steps; ++k) {
+    if (draw && k + 1 == flags.steps) {
+      // The last step is recorded; the barrier aligns the ranks' clocks.
+      world->group()->barrier()->wait();
+      timeline->clear();
+      pipe->set_timeline(timeline);
+    }
     const auto start = std::chrono::steady_clock::now();
     loss = step();
     times.push_back(std::chrono::duration<double, std::milli>(
@@ -224,6 +316,18 @@ int train(const Flags& flags) {
                           std::chrono::steady_clock::now() - begin)
                           .count() /
       static_cast<double>(flags.steps);
+  pipe->set_timeline(nullptr);
+  if (draw) {
+    std::ostringstream events;
+    for (const auto& event : timeline->events()) {
+      events << event.partition << " " << event.microbatch << " "
+             << static_cast<int>(event.phase) << " " << event.start_us << " "
+             << event.end_us << "\n";
+    }
+    set(*world->store(),
+        "distributed_mlp/timeline/" + std::to_string(world->rank()),
+        events.str());
+  }
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   auto& store = *world->store();
@@ -249,6 +353,16 @@ int train(const Flags& flags) {
                 << "\n";
     }
     std::cout << "loss of the last step: " << loss.item<double>() << "\n";
+    if (draw) {
+      draw_schedule(*world, *pipe, flags);
+    }
+    if (flags.compare_in_process && pipe->replicas() == 1) {
+      const double local = in_process_step_ms(flags, stages, flags.steps);
+      std::cout << "the same step in one process, a thread per stage: " << local
+                << " ms; across " << world->size()
+                << " processes: " << median(times) << " ms (ratio "
+                << median(times) / local << ")\n";
+    }
     std::cout << "{\"impl\":\"gpipe\",\"schedule\":\"" << flags.schedule_name
               << "\",\"layers\":" << flags.layers
               << ",\"width\":" << flags.width << ",\"batch\":" << flags.batch

@@ -38,6 +38,7 @@
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>
+#include <gpipe/timeline.h>
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
@@ -242,6 +243,17 @@ class DistributedGPipeImpl : public torch::nn::Module {
   }
   const std::shared_ptr<World>& world() const {
     return world_;
+  }
+
+  /// Records this rank's cells (forward, backward, recompute, I, W) from
+  /// now on; null stops. Partition numbers are global stage indices, so the
+  /// ranks' events together draw the whole pipeline (on one host the ranks'
+  /// steady clocks agree once each timeline is cleared after a barrier).
+  void set_timeline(std::shared_ptr<Timeline> timeline) {
+    timeline_ = std::move(timeline);
+  }
+  const std::shared_ptr<Timeline>& timeline() const {
+    return timeline_;
   }
 
   /// The program each rank runs its lane of, for m micro-batches.
@@ -485,7 +497,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
         is_training() && checkpointed(i, m),
         call,
         traits_[jj].get(),
-        nullptr,
+        timeline_,
         input_is_list);
   }
 
@@ -800,6 +812,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
   std::map<int64_t, Program> programs_;
   std::unique_ptr<detail::FailureBoard> board_;
   std::unique_ptr<detail::ProcessGroupTransport> transport_;
+  std::shared_ptr<Timeline> timeline_;
   c10::intrusive_ptr<c10d::Backend> data_group_; // null: one replica
   bool broken_ = false;
   std::string broken_reason_;
