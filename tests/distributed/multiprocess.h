@@ -31,7 +31,7 @@ struct Outcome {
   int rank = 0;
   bool exited = false; // else killed by a signal
   int code = 0; // exit code, or the signal
-  bool killed_at_deadline = false;
+  bool killed_by_harness = false;
   double seconds = 0; // from the job's start to the rank's end
   std::string log; // its stdout and stderr
 
@@ -56,9 +56,10 @@ struct Outcome {
 
 inline std::ostream& operator<<(std::ostream& os, const Outcome& outcome) {
   os << "rank " << outcome.rank << ": "
-     << (outcome.killed_at_deadline ? "killed at the deadline"
-             : outcome.exited       ? "exit " + std::to_string(outcome.code)
-                                    : "signal " + std::to_string(outcome.code))
+     << (outcome.killed_by_harness
+             ? "killed by the harness (deadline, or a straggler)"
+             : outcome.exited ? "exit " + std::to_string(outcome.code)
+                              : "signal " + std::to_string(outcome.code))
      << " after " << outcome.seconds << " s\n"
      << outcome.log;
   return os;
@@ -86,6 +87,7 @@ struct Job {
   std::chrono::seconds deadline{120};
   int port = 0; // 0: a free one
   bool set_rank_environment = true; // false: the ranks get no RANK etc.
+  int straggler = -1; // a rank expected to hang: killed once the rest end
 };
 
 /// Runs `job.world` copies of this program and waits for all of them.
@@ -132,16 +134,19 @@ inline std::vector<Outcome> run(const Job& job) {
   size_t remaining = pids.size();
   while (remaining > 0) {
     const bool late = std::chrono::steady_clock::now() - start > job.deadline;
+    const bool only_straggler_left = job.straggler >= 0 && remaining == 1 &&
+        !done[static_cast<size_t>(job.straggler)];
     for (size_t r = 0; r < pids.size(); ++r) {
       if (done[r]) {
         continue;
       }
-      if (late) {
+      if (late || only_straggler_left) {
         kill(pids[r], SIGKILL);
-        outcomes[r].killed_at_deadline = true;
+        outcomes[r].killed_by_harness = true;
       }
       int status = 0;
-      const pid_t ended = waitpid(pids[r], &status, late ? 0 : WNOHANG);
+      const pid_t ended =
+          waitpid(pids[r], &status, late || only_straggler_left ? 0 : WNOHANG);
       if (ended == pids[r]) {
         done[r] = true;
         --remaining;

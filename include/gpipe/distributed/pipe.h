@@ -596,9 +596,16 @@ class DistributedGPipeImpl : public torch::nn::Module {
     } catch (const std::exception& e) {
       broken_ = true;
       broken_reason_ = e.what();
-      // The first post wins: a peer's failure, arriving here already named,
-      // was posted by that peer.
-      board_->post(describe(world_->rank()) + " failed: " + e.what());
+      // The first post wins. A failure this rank saw in a peer (the
+      // transport's errors name it) is passed on as the peer's, for ranks
+      // further away.
+      const std::string message = e.what();
+      const std::string seen_in_peer = "gpipe: rank ";
+      board_->post(
+          message.rfind(seen_in_peer, 0) == 0
+              ? message.substr(7) + " (seen by " + describe(world_->rank()) +
+                  ")"
+              : describe(world_->rank()) + " failed: " + message);
       transport.abort();
       throw;
     }
