@@ -429,18 +429,7 @@ class GPipeImpl : public torch::nn::Module {
   }
 
   bool checkpointed(int64_t i, int64_t m) const {
-    if (!is_training()) {
-      return false;
-    }
-    switch (options.checkpoint()) {
-      case Checkpoint::Never:
-        return false;
-      case Checkpoint::ExceptLast:
-        return i < m - 1;
-      case Checkpoint::Always:
-        return true;
-    }
-    return false;
+    return is_training() && detail::checkpointed(options.checkpoint(), i, m);
   }
 
   /// Gives each partition a lane: the worker that runs it (Note [One

@@ -31,6 +31,19 @@ namespace gpipe::detail {
 using LossFunction =
     std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
 
+/// Whether `mode` re-materializes micro-batch i of m (in training).
+inline bool checkpointed(Checkpoint mode, int64_t i, int64_t m) {
+  switch (mode) {
+    case Checkpoint::Never:
+      return false;
+    case Checkpoint::ExceptLast:
+      return i < m - 1;
+    case Checkpoint::Always:
+      return true;
+  }
+  return false;
+}
+
 /// Under micro-batching every tensor partition j hands on keeps the
 /// batch in dimension 0; its last `skips` outputs travel per micro-batch
 /// and need not.

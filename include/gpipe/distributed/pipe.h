@@ -469,18 +469,6 @@ class DistributedGPipeImpl : public torch::nn::Module {
     return options.loss_reduction();
   }
 
-  bool checkpointed(int64_t i, int64_t m) const {
-    switch (options.checkpoint()) {
-      case Checkpoint::Never:
-        return false;
-      case Checkpoint::ExceptLast:
-        return i < m - 1;
-      case Checkpoint::Always:
-        return true;
-    }
-    return false;
-  }
-
   c10::intrusive_ptr<gpipe::detail::StageState> make_state(
       int64_t i,
       int64_t j,
@@ -494,7 +482,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
         gpipe::detail::CellIndex{i, j},
         options.device(),
         /*lane=*/0,
-        is_training() && checkpointed(i, m),
+        is_training() &&
+            gpipe::detail::checkpointed(options.checkpoint(), i, m),
         call,
         traits_[jj].get(),
         timeline_,
