@@ -1,6 +1,7 @@
 // The pipe across processes: real ranks over Gloo on 127.0.0.1, started by
 // the test itself (multiprocess.h), compared with plain training of the same
 // seeded model in each rank, and failing as the README promises.
+#include "../test_support.h"
 #include "multiprocess.h"
 
 #include <gpipe/distributed.h>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -132,17 +134,21 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
               gpipe::to_string(mode) + ", m " + std::to_string(m) + ", " +
               gpipe::to_string(reduction);
           auto plain = make_model();
-          auto options =
-              gd::DistributedOptions(stages)
-                  .microbatches(m)
-                  .schedule(schedule)
-                  .checkpoint(mode)
-                  .loss_reduction(reduction)
-                  .device(
-                      arg(args, "cuda", 0) != 0 ? torch::Device(torch::kCUDA, 0)
-                                                : torch::Device(torch::kCPU))
-                  .stages_per_rank(
-                      schedule == Schedule::Interleaved1F1B ? 2 : 1);
+          auto options = gd::DistributedOptions(stages)
+                             .microbatches(m)
+                             .schedule(schedule)
+                             .checkpoint(mode)
+                             .loss_reduction(reduction)
+                             .match_by_order(arg(args, "by_order", 0) != 0)
+                             .stages_per_rank(
+                                 schedule == Schedule::Interleaved1F1B ? 2 : 1);
+          if (arg(args, "nccl", 0) != 0) {
+            // cuda:LOCAL_RANK, a GPU per rank.
+            options.device(torch::kCUDA).backend(gd::Backend::Nccl);
+          } else if (arg(args, "cuda", 0) != 0) {
+            options.device(torch::Device(torch::kCUDA, 0))
+                .backend(gd::Backend::Gloo);
+          }
           std::vector<int64_t> built;
           gd::DistributedGPipe pipe(nullptr);
           if (builder) {
@@ -177,6 +183,7 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
             pipe = gd::DistributedGPipe(world, make_model(), options);
           }
           torch::manual_seed(11);
+          std::set<int64_t> seen_batches;
           for (int64_t step = 0; step < steps; ++step) {
             // Uneven: 11 samples give replica shards of 6 and 5.
             const int64_t batch =
@@ -201,6 +208,19 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
                 got,
                 want.detach(),
                 what + ": loss of step " + std::to_string(step));
+            // Note [Ordered steps]: the first step of a batch shape agrees
+            // the shapes, with tags; the next ones go by order.
+            const bool by_order =
+                arg(args, "by_order", 0) != 0 || arg(args, "nccl", 0) != 0;
+            const bool shape_seen_before = seen_batches.count(batch) > 0;
+            seen_batches.insert(batch);
+            ++checks;
+            if (pipe->last_step_by_order() != (by_order && shape_seen_before)) {
+              ++failures;
+              std::cout << "MISMATCH " << what << ": step " << step
+                        << " went by order: " << pipe->last_step_by_order()
+                        << std::endl;
+            }
             auto reference = plain->named_parameters();
             for (const auto& p : pipe->named_parameters()) {
               const auto& q = reference[plain_name(p.key())];
@@ -455,6 +475,17 @@ int configuration(const std::shared_ptr<gd::World>& world) {
     if (kind == "model" && world->rank() == 1) {
       model->push_back(torch::nn::Identity());
     }
+    if (kind == "nccl_on_cpu") {
+      options.backend(gd::Backend::Nccl);
+    }
+    if (kind == "cuda_without_gpu") {
+      options.device(torch::kCUDA);
+    }
+    if (kind == "order_on_nccl") {
+      options.backend(gd::Backend::Nccl)
+          .device(torch::Device(torch::kCUDA, 0))
+          .match_by_order(true);
+    }
     gd::DistributedGPipe pipe(world, model, options);
     std::cout << "RESULT error=none" << std::endl;
     return 1;
@@ -502,6 +533,99 @@ int run_scenario(const std::string& scenario) {
 // The tests: each starts the ranks and judges how they ended.
 // ---------------------------------------------------------------------------
 
+// Note [Messages matched by order], without processes: what NCCL would do
+// with each program, run by ordered_messages.h's rules.
+
+std::vector<int64_t> round_robin(int64_t stages, int64_t ranks) {
+  std::vector<int64_t> lanes;
+  for (int64_t s = 0; s < stages; ++s) {
+    lanes.push_back(s % ranks);
+  }
+  return lanes;
+}
+
+TEST(
+    MessagesMatchedByOrder,
+    EveryScheduleOnEveryPlacementRunsByOrderOnceLowered) {
+  int64_t checked = 0;
+  for (const Schedule schedule : kSchedules) {
+    for (const int64_t ranks : {2, 3, 4, 5, 8}) {
+      for (const int64_t v : {1, 2, 3, 4}) {
+        for (const int64_t m : {1, 2, 3, 4, 5, 8, 13, 32}) {
+          gpipe::Program program;
+          try {
+            program = gpipe::build_program(
+                schedule, ranks * v, m, round_robin(ranks * v, ranks));
+          } catch (const c10::Error&) {
+            continue; // a placement this schedule does not take
+          }
+          const auto placed =
+              gpipe::detail::lower_for_ordered_messages(program);
+          EXPECT_NO_THROW({
+            gpipe::simulate(placed);
+            gpipe::detail::check_ordered_messages(placed);
+          }) << schedule
+             << ", ranks " << ranks << ", v " << v << ", m " << m << "\n"
+             << placed;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GE(checked, 500);
+}
+
+TEST(
+    MessagesMatchedByOrder,
+    ReceivingRightBeforeTheConsumerCanMismatchOrDeadlock) {
+  // Interleaved placement: lane 0 sends two messages to lane 1 in the
+  // order its stages produce them, lane 1 consumes them in another.
+  const auto mismatched =
+      gpipe::build_program(Schedule::OneFOneB, 4, 3, round_robin(4, 2));
+  EXPECT_NE(
+      gpipe_test::error_of(
+          [&] { gpipe::detail::check_ordered_messages(mismatched); })
+          .find("message 2 from lane 1 to lane 0 is 1SEND_F2 at the sender but "
+                "2RECV_B0 at the receiver"),
+      std::string::npos);
+  // Each lane holds a group whose other end the other issues only later.
+  const auto deadlocked =
+      gpipe::build_program(Schedule::FillDrain, 4, 4, round_robin(4, 2));
+  EXPECT_NE(
+      gpipe_test::error_of(
+          [&] { gpipe::detail::check_ordered_messages(deadlocked); })
+          .find("its coalesced groups wait for each other (lane 0 at 2SEND_F0, "
+                "lane 1 at 1SEND_F1)"),
+      std::string::npos);
+  // Both run once their receives are placed by time.
+  for (const auto* program : {&mismatched, &deadlocked}) {
+    EXPECT_NO_THROW(gpipe::detail::check_ordered_messages(
+        gpipe::detail::lower_for_ordered_messages(*program)));
+  }
+}
+
+TEST(MessagesMatchedByOrder, PlacingByTimeKeepsComputationsAndSendsInPlace) {
+  const auto program =
+      gpipe::build_program(Schedule::Interleaved1F1B, 8, 5, round_robin(8, 4));
+  const auto placed = gpipe::detail::lower_for_ordered_messages(program);
+  for (size_t l = 0; l < program.lanes.size(); ++l) {
+    std::vector<gpipe::Action> before;
+    std::vector<gpipe::Action> after;
+    for (const auto& a : program.lanes[l]) {
+      if (gpipe::is_compute(a.op) || gpipe::detail::is_send(a.op)) {
+        before.push_back(a);
+      }
+    }
+    for (const auto& a : placed.lanes[l]) {
+      if (gpipe::is_compute(a.op) || gpipe::detail::is_send(a.op)) {
+        after.push_back(a);
+      }
+    }
+    EXPECT_EQ(before, after) << "lane " << l;
+    EXPECT_EQ(program.lanes[l].size(), placed.lanes[l].size()) << "lane " << l;
+  }
+}
+
 void expect_all_succeeded(const std::vector<mp::Outcome>& outcomes) {
   for (const auto& outcome : outcomes) {
     EXPECT_TRUE(outcome.succeeded()) << outcome;
@@ -523,6 +647,38 @@ TEST(Distributed, TwoRanksOnOneGpuThroughGlooStagingTrainLikePlain_CUDA) {
   // tensors through the CPU.
   expect_all_succeeded(
       mp::run({"train", "stages=2,m=1:3,steps=2,sum=1,cuda=1", /*world=*/2}));
+}
+
+TEST(
+    Distributed,
+    TwoRanksTrainLikePlainWithMessagesMatchedByOrderOnEverySchedule) {
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=1:3:8,steps=2,sum=1,by_order=1", /*world=*/2}));
+}
+
+TEST(Distributed, FourRanksTrainLikePlainWithMessagesMatchedByOrder) {
+  expect_all_succeeded(mp::run(
+      {"train",
+       "stages=4,m=3:8,steps=3,batches=11:7:11,by_order=1",
+       /*world=*/4}));
+}
+
+TEST(Distributed, TwoRanksOnTwoGpusTrainLikePlainOverNccl_MultiCUDA) {
+  if (torch::cuda::device_count() < 2) {
+    GTEST_SKIP() << "needs 2 CUDA devices, found "
+                 << static_cast<int>(torch::cuda::device_count());
+  }
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,all_modes=1,m=1:3:8,steps=3,sum=1,nccl=1", 2}));
+}
+
+TEST(Distributed, TwoReplicasOfTwoStagesTrainLikePlainOverNccl_MultiCUDA) {
+  if (torch::cuda::device_count() < 4) {
+    GTEST_SKIP() << "needs 4 CUDA devices, found "
+                 << static_cast<int>(torch::cuda::device_count());
+  }
+  expect_all_succeeded(
+      mp::run({"train", "stages=2,m=3,steps=3,batches=11:7,sum=1,nccl=1", 4}));
 }
 
 TEST(Distributed, FourRanksTrainLikePlainForSeveralOptimizerSteps) {
@@ -674,6 +830,27 @@ TEST(Distributed, RanksBuiltWithDifferentOptionsOrModelsAreAnErrorOnEveryRank) {
       EXPECT_NE(
           outcome.result("error").find("built different pipes"),
           std::string::npos)
+          << kind << ": " << outcome;
+    }
+  }
+}
+
+TEST(Distributed, DevicesAndBackendsThatCannotWorkAreAnErrorOnEveryRank) {
+  std::map<std::string, std::string> expected{
+      {"nccl_on_cpu", "Backend::Nccl needs a CUDA device, got cpu"}};
+  if (!torch::cuda::is_available()) {
+    expected.emplace(
+        "cuda_without_gpu",
+        " but sees 0 CUDA devices (a CUDA device without an index is "
+        "cuda:LOCAL_RANK");
+  } else {
+    expected.emplace("order_on_nccl", "match_by_order is for Gloo on CPUs");
+  }
+  for (const auto& [kind, error] : expected) {
+    for (const auto& outcome :
+         mp::run({"configuration", "kind=" + kind, /*world=*/2})) {
+      EXPECT_TRUE(outcome.succeeded()) << kind << ": " << outcome;
+      EXPECT_NE(outcome.result("error").find(error), std::string::npos)
           << kind << ": " << outcome;
     }
   }

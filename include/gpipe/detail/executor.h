@@ -95,6 +95,11 @@ class Transport {
       const std::optional<std::vector<TensorMeta>>& expected =
           std::nullopt) = 0;
   virtual void abort() = 0;
+  /// Issues what `send` and `recv` queued since the last computation (a
+  /// transport that matches messages by order issues them as one group:
+  /// ordered_messages.h); called before each computation and at a lane's
+  /// end. A received tensor may be read only after it.
+  virtual void flush() {}
 };
 
 /// Throws unless `tensors` are what `expected` says (undefined ones pass).
@@ -415,8 +420,12 @@ class Executor {
         if (stopped_.load()) {
           return;
         }
+        if (is_compute(action.op)) {
+          transport_.flush();
+        }
         run_action(action);
       }
+      transport_.flush();
     } catch (const LaneAborted&) {
       // Another lane failed first (Note [A failed lane stops every lane]).
     } catch (...) {

@@ -27,6 +27,7 @@
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/executor.h>
 #include <gpipe/detail/microbatch.h>
+#include <gpipe/detail/ordered_messages.h>
 #include <gpipe/detail/partition.h>
 #include <gpipe/detail/skip_layout.h>
 #include <gpipe/detail/stage.h>
@@ -44,6 +45,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 #include <torch/arg.h>
+#include <torch/cuda.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
@@ -63,6 +65,33 @@
 #include <vector>
 
 namespace gpipe::distributed {
+
+/// What carries a pipe's tensors between ranks.
+enum class Backend {
+  /// NCCL for a CUDA device where this build has NCCL, else Gloo.
+  Auto,
+  /// Gloo, staging CUDA tensors through the CPU (also how ranks that
+  /// share one GPU talk: NCCL refuses that).
+  Gloo,
+  /// NCCL, between CUDA devices: one GPU per rank (Note [Ordered steps]).
+  Nccl,
+};
+
+inline const char* to_string(Backend backend) {
+  switch (backend) {
+    case Backend::Auto:
+      return "auto";
+    case Backend::Gloo:
+      return "gloo";
+    case Backend::Nccl:
+      return "nccl";
+  }
+  return "unknown";
+}
+
+inline std::ostream& operator<<(std::ostream& stream, Backend backend) {
+  return stream << to_string(backend);
+}
 
 /// Options of a distributed pipe; every rank passes the same ones (checked
 /// at construction).
@@ -86,9 +115,16 @@ struct DistributedOptions {
   /// shapes change while the input's do not (Note [Shapes are agreed once
   /// per batch shape]); costs a message per bundle.
   TORCH_ARG(bool, agree_shapes_every_step) = false;
-  /// Where this rank's stages run. Tensors travel between ranks over Gloo,
-  /// staged through the CPU when this is a CUDA device.
+  /// Where this rank's stages run; a CUDA device without an index is
+  /// cuda:LOCAL_RANK.
   TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// What carries tensors between ranks.
+  TORCH_ARG(Backend, backend) = Backend::Auto;
+  /// Gloo on CPUs only: once a batch shape's shapes are agreed, match
+  /// messages by order in coalesced batches, with the program and the
+  /// waits NCCL gets (Note [Messages matched by order]), to run on CPUs
+  /// what NCCL would run. NCCL always does.
+  TORCH_ARG(bool, match_by_order) = false;
 };
 
 inline std::ostream& operator<<(
@@ -102,7 +138,9 @@ inline std::ostream& operator<<(
                 << ", loss_reduction=" << to_string(options.loss_reduction())
                 << ", balance=[" << c10::Join(", ", options.balance()) << "]"
                 << ", agree_shapes_every_step="
-                << options.agree_shapes_every_step();
+                << options.agree_shapes_every_step()
+                << ", backend=" << options.backend()
+                << ", match_by_order=" << options.match_by_order();
 }
 
 class DistributedGPipeImpl : public torch::nn::Module {
@@ -256,9 +294,11 @@ class DistributedGPipeImpl : public torch::nn::Module {
     return timeline_;
   }
 
-  /// The program each rank runs its lane of, for m micro-batches.
-  const Program& program_for(int64_t m) {
-    auto found = programs_.find(m);
+  /// The program each rank runs its lane of, for m micro-batches; with
+  /// `by_order`, the one for messages matched by order (Note [Messages
+  /// matched by order]), checked before it runs.
+  const Program& program_for(int64_t m, bool by_order = false) {
+    auto found = programs_.find({m, by_order});
     if (found == programs_.end()) {
       std::vector<int64_t> lanes;
       for (int64_t s = 0; s < n_; ++s) {
@@ -266,9 +306,27 @@ class DistributedGPipeImpl : public torch::nn::Module {
       }
       Program program = build_program(options.schedule(), n_, m, lanes);
       simulate(program);
-      found = programs_.emplace(m, std::move(program)).first;
+      if (by_order) {
+        program = gpipe::detail::lower_for_ordered_messages(program);
+        simulate(program);
+        gpipe::detail::check_ordered_messages(program);
+      }
+      found = programs_.emplace(std::make_pair(m, by_order), std::move(program))
+                  .first;
     }
     return found->second;
+  }
+
+  /// Whether tensors travel over NCCL.
+  bool uses_nccl() const {
+    return nccl_;
+  }
+
+  /// Whether the last step's messages went by order (Note [Ordered
+  /// steps]): never on Gloo without match_by_order, and never on the first
+  /// step of a batch shape, which agrees the shapes.
+  bool last_step_by_order() const {
+    return last_by_order_;
   }
 
   void pretty_print(std::ostream& stream) const override {
@@ -315,6 +373,41 @@ class DistributedGPipeImpl : public torch::nn::Module {
         detail::kMaxMicrobatches,
         " micro-batches across processes, got ",
         options.microbatches());
+    if (options.device().is_cuda() && !options.device().has_index()) {
+      options.device(torch::Device(
+          torch::kCUDA, static_cast<c10::DeviceIndex>(world_->local_rank())));
+    }
+    if (options.device().is_cuda()) {
+      const int64_t visible = static_cast<int64_t>(torch::cuda::device_count());
+      TORCH_CHECK(
+          options.device().index() < visible,
+          "gpipe: rank ",
+          world_->rank(),
+          " is to run on ",
+          options.device(),
+          " but sees ",
+          visible,
+          " CUDA devices (a CUDA device without an index is ",
+          "cuda:LOCAL_RANK, here ",
+          world_->local_rank(),
+          ")");
+    }
+    const auto backend = options.backend();
+    TORCH_CHECK(
+        backend != Backend::Nccl || options.device().is_cuda(),
+        "gpipe: Backend::Nccl needs a CUDA device, got ",
+        options.device());
+    nccl_ = backend == Backend::Nccl ||
+        (backend == Backend::Auto && options.device().is_cuda() &&
+         GPIPE_HAS_NCCL);
+    TORCH_CHECK(
+        !options.match_by_order() ||
+            (!nccl_ && options.device().type() == torch::kCPU),
+        "gpipe: match_by_order is for Gloo on CPUs (NCCL always matches by ",
+        "order); got backend ",
+        backend,
+        " on ",
+        options.device());
     replicas_ = world_->size() / stages;
     replica_ = world_->rank() / stages;
     position_ = world_->rank() % stages;
@@ -329,24 +422,48 @@ class DistributedGPipeImpl : public torch::nn::Module {
   void finish_construction(const std::string& whole_model) {
     const std::string prefix = world_->next_pipe_prefix();
     board_ = std::make_unique<detail::FailureBoard>(world_->store(), prefix);
-    transport_ = std::make_unique<detail::ProcessGroupTransport>(
-        world_->group(),
-        rank_of_stage_,
-        *board_,
-        [this](int64_t rank) { return describe(rank); },
-        world_->timeout());
     to(options.device());
     for (size_t s = 0; s < partitions_.size(); ++s) {
       traits_.push_back(std::make_unique<gpipe::detail::PartitionTraits>());
     }
     check_same_everywhere(prefix, whole_model);
+    // Note [Ordered steps]: NCCL carries the data of steps whose shapes are
+    // agreed; Gloo does with match_by_order.
+    detail::OrderedPath path;
+    if (nccl_) {
+      std::vector<int64_t> pipeline;
+      for (int64_t p = 0; p < options.stages(); ++p) {
+        pipeline.push_back(replica_ * options.stages() + p);
+      }
+      for (int64_t s = 0; s < n_; ++s) {
+        path.rank_of_stage.push_back(s % options.stages());
+      }
+      path.group = world_->new_nccl_group(
+          prefix + "nccl_pipeline_" + std::to_string(replica_),
+          pipeline,
+          options.device());
+      path.device = options.device();
+      path.coalesce = true;
+    } else if (options.match_by_order()) {
+      path.group = world_->group();
+      path.rank_of_stage = rank_of_stage_;
+    }
+    transport_ = std::make_unique<detail::ProcessGroupTransport>(
+        world_->group(),
+        rank_of_stage_,
+        *board_,
+        [this](int64_t rank) { return describe(rank); },
+        world_->timeout(),
+        std::move(path));
     if (replicas_ > 1) {
       std::vector<int64_t> peers;
       for (int64_t r = 0; r < replicas_; ++r) {
         peers.push_back(r * options.stages() + position_);
       }
-      data_group_ = world_->new_group(
-          prefix + "data_" + std::to_string(position_), peers);
+      const std::string name = prefix + "data_" + std::to_string(position_);
+      data_group_ = nccl_
+          ? world_->new_nccl_group(name, peers, options.device())
+          : world_->new_group(name, peers);
     }
   }
 
@@ -655,7 +772,11 @@ class DistributedGPipeImpl : public torch::nn::Module {
           ")");
       targets = torch::tensor_split(target, m, /*dim=*/0);
     }
-    const Program& program = program_for(m);
+    const int64_t signature = batch_message[3].item<int64_t>();
+    const bool by_order =
+        !options.agree_shapes_every_step() && transport.can_order(signature);
+    const Program& program = program_for(m, by_order);
+    last_by_order_ = by_order;
     auto call = make_call(m, batch_message[2].item<int64_t>() == 1);
     gpipe::detail::LaneGradients lane_gradients(1, call->parameters);
     call->lane_gradients = &lane_gradients;
@@ -679,13 +800,12 @@ class DistributedGPipeImpl : public torch::nn::Module {
         /*needs_graph=*/true);
     gpipe::detail::Executor executor(program, runner, transport);
     transport.begin(
-        call.get(),
-        batch_message[3].item<int64_t>(),
-        options.agree_shapes_every_step());
+        call.get(), signature, options.agree_shapes_every_step(), by_order);
     {
       c10::DeviceGuard on_device(options.device());
       executor.run_one_lane(static_cast<size_t>(position_));
     }
+    transport.rethrow_if_aborted();
     transport.end();
     lane_gradients.deliver();
     call->lane_gradients = nullptr;
@@ -719,6 +839,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     torch::NoGradGuard no_grad;
     const bool mean = options.loss_reduction() == Reduction::Mean;
     const double weight = mean ? static_cast<double>(batch) : 1.0;
+    const torch::Device on = nccl_ ? options.device() : torch::kCPU;
     // [N, loss * weight, then per parameter: whether it has a gradient].
     auto meta = torch::zeros(
         {2 + static_cast<int64_t>(parameters.size())}, torch::kFloat64);
@@ -731,17 +852,20 @@ class DistributedGPipeImpl : public torch::nn::Module {
       }
       by_dtype[parameters[k].scalar_type()].push_back(k);
     }
+    meta = meta.to(on);
     allreduce(meta, "the batch sizes and losses");
+    meta = meta.to(torch::kCPU);
     const double total = meta[0].item<double>();
     for (const auto& [dtype, slots] : by_dtype) {
       std::vector<torch::Tensor> flat;
       for (const size_t k : slots) {
         const auto& grad = parameters[k].grad();
         flat.push_back(
-            grad.defined() ? grad.reshape({-1}).to(torch::kCPU)
-                           : torch::zeros(
-                                 {parameters[k].numel()},
-                                 torch::TensorOptions().dtype(dtype)));
+            grad.defined()
+                ? grad.reshape({-1}).to(on)
+                : torch::zeros(
+                      {parameters[k].numel()},
+                      torch::TensorOptions().dtype(dtype).device(on)));
       }
       auto bucket = torch::cat(flat);
       if (mean) {
@@ -805,7 +929,9 @@ class DistributedGPipeImpl : public torch::nn::Module {
   std::vector<int64_t> rank_of_stage_; // in this rank's pipeline
   std::vector<torch::nn::Sequential> partitions_; // null where not ours
   std::vector<std::unique_ptr<gpipe::detail::PartitionTraits>> traits_;
-  std::map<int64_t, Program> programs_;
+  std::map<std::pair<int64_t, bool>, Program> programs_; // (m, by order)
+  bool nccl_ = false;
+  bool last_by_order_ = false;
   std::unique_ptr<detail::FailureBoard> board_;
   std::unique_ptr<detail::ProcessGroupTransport> transport_;
   std::shared_ptr<Timeline> timeline_;

@@ -23,6 +23,15 @@
 // with the in-process mailboxes, so every program valid in one process is
 // valid across processes.
 //
+// Note [Ordered steps]
+// A transport built with an OrderedPath sends the data of a step whose
+// shapes were agreed by an earlier step (and not agree_every_time) by
+// order (ordered_messages.h): `send` and `recv` queue the tensors, the
+// receiver allocating them from the agreed header, and `flush` issues the
+// queue as one coalesced group (NCCL) or posts it and waits for all of it
+// (Gloo following NCCL's rules, one tag for all). A step that agrees shapes
+// goes with tags over the World's Gloo group, staged through the CPU.
+//
 // Note [A failed rank stops every rank]
 // A rank that fails writes its error to the store (the first one wins) and
 // aborts its pending messages. While a step runs, a watchdog on every rank
@@ -126,6 +135,7 @@ constexpr int64_t kMaxStages = 128;
 constexpr int64_t kMaxMicrobatches = 4096;
 constexpr int64_t kMaxBundle = 31;
 constexpr int64_t kControlCode = 127;
+constexpr int64_t kOrderedCode = 126; // Gloo's one tag when by order
 constexpr int64_t kHeaderSize = 160;
 
 inline int wire_tag(const Tag& tag, int64_t k) {
@@ -139,6 +149,18 @@ inline int control_tag(int64_t kind) {
   return static_cast<int>((kControlCode << 24) | kind);
 }
 
+/// Where a step's data goes when it goes by order (Note [Ordered steps]).
+struct OrderedPath {
+  c10::intrusive_ptr<c10d::Backend> group;
+  /// This pipeline's stage s runs on rank_of_stage[s] of `group`.
+  std::vector<int64_t> rank_of_stage;
+  /// Where received tensors are allocated.
+  torch::Device device = torch::kCPU;
+  /// One coalesced group per batch (NCCL); otherwise each message is posted
+  /// and the batch waited for (Gloo).
+  bool coalesce = false;
+};
+
 /// Sends and receives bundles of one pipe between its ranks over `group`
 /// (the World's group: peers are global ranks). Used by one thread, the
 /// rank's lane, except `abort`, which the watchdog may call.
@@ -151,12 +173,23 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       std::vector<int64_t> rank_of_stage,
       FailureBoard& board,
       std::function<std::string(int64_t rank)> describe,
-      std::chrono::milliseconds timeout)
+      std::chrono::milliseconds timeout,
+      OrderedPath ordered_path = {})
       : group_(std::move(group)),
         rank_of_stage_(std::move(rank_of_stage)),
         board_(board),
         describe_(std::move(describe)),
-        timeout_(timeout) {}
+        timeout_(timeout),
+        path_(std::move(ordered_path)) {}
+
+  /// Whether a step under `signature` may go by order: an earlier step of
+  /// that signature completed, so both ends of every message hold its
+  /// header (Note [Ordered steps]).
+  bool can_order(int64_t signature) const {
+    return path_.group &&
+        std::find(completed_.begin(), completed_.end(), signature) !=
+        completed_.end();
+  }
 
   /// A step starts (Note [Shapes are agreed once per batch shape]):
   /// `call`'s `output_is_list` flags are what headers carry and set;
@@ -164,10 +197,15 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   void begin(
       gpipe::detail::PipeCall* call,
       int64_t signature,
-      bool agree_every_time) {
+      bool agree_every_time,
+      bool ordered = false) {
+    TORCH_INTERNAL_ASSERT(
+        !ordered || (can_order(signature) && !agree_every_time),
+        "gpipe: a step by order before its shapes were agreed");
     call_ = call;
     signature_ = signature;
     agree_every_time_ = agree_every_time;
+    ordered_ = ordered;
     if (std::find(signatures_.begin(), signatures_.end(), signature) ==
         signatures_.end()) {
       signatures_.push_back(signature);
@@ -179,12 +217,21 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         for (auto it = agreed_.begin(); it != agreed_.end();) {
           it = it->first.front() == oldest ? agreed_.erase(it) : std::next(it);
         }
+        completed_.erase(
+            std::remove(completed_.begin(), completed_.end(), oldest),
+            completed_.end());
       }
     }
   }
 
+  /// The step's lane ended without an error on this rank.
   void end() {
     call_ = nullptr;
+    if (!agree_every_time_ &&
+        std::find(completed_.begin(), completed_.end(), signature_) ==
+            completed_.end()) {
+      completed_.push_back(signature_);
+    }
   }
 
   void send(const Tag& tag, Bundle tensors) override {
@@ -225,6 +272,10 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     header.resize(kHeaderSize, 0);
     const auto key = key_of(tag);
     const auto agreed = agreed_.find(key);
+    TORCH_INTERNAL_ASSERT(
+        !ordered_ || agreed != agreed_.end(),
+        "gpipe: no agreed header for the ",
+        to_string(tag));
     if (agree_every_time_ || agreed == agreed_.end()) {
       post_send(torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
       if (!agree_every_time_) {
@@ -243,8 +294,18 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
           "DistributedOptions::agree_shapes_every_step(true)");
     }
     for (size_t k = 0; k < tensors.size(); ++k) {
-      if (tensors[k].defined()) {
-        torch::NoGradGuard no_grad;
+      if (!tensors[k].defined()) {
+        continue;
+      }
+      torch::NoGradGuard no_grad;
+      if (ordered_) {
+        queue_.push_back(
+            {tensors[k].detach().to(path_.device).contiguous(),
+             peer,
+             path_.rank_of_stage[static_cast<size_t>(tag.stage)],
+             true,
+             to_string(tag)});
+      } else {
         post_send(
             tensors[k].detach().to(torch::kCPU).contiguous(),
             peer,
@@ -263,6 +324,10 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     const std::string what = to_string(tag);
     const auto key = key_of(tag);
     auto agreed = agreed_.find(key);
+    TORCH_INTERNAL_ASSERT(
+        !ordered_ || agreed != agreed_.end(),
+        "gpipe: no agreed header for the ",
+        what);
     if (agree_every_time_ || agreed == agreed_.end()) {
       auto received = torch::empty({kHeaderSize}, torch::kInt64);
       receive_into(received, peer, wire_tag(tag, 0), what);
@@ -306,8 +371,20 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
           describe_(peer));
       std::vector<int64_t> sizes(h + at, h + at + dim);
       at += static_cast<size_t>(dim);
-      auto tensor = torch::empty(sizes, torch::TensorOptions().dtype(dtype));
-      receive_into(tensor, peer, wire_tag(tag, k + 1), what);
+      auto tensor = torch::empty(
+          sizes,
+          torch::TensorOptions().dtype(dtype).device(
+              ordered_ ? path_.device : torch::Device(torch::kCPU)));
+      if (ordered_) {
+        queue_.push_back(
+            {tensor,
+             peer,
+             path_.rank_of_stage[static_cast<size_t>(from)],
+             false,
+             what});
+      } else {
+        receive_into(tensor, peer, wire_tag(tag, k + 1), what);
+      }
       if (requires_grad) {
         tensor.requires_grad_(true);
       }
@@ -365,9 +442,76 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     }
   }
 
-  bool aborted() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return aborted_;
+  /// Issues the queued batch (Note [Ordered steps]).
+  void flush() override {
+    if (queue_.empty()) {
+      return;
+    }
+    std::vector<Queued> batch;
+    batch.swap(queue_);
+    auto& group = *path_.group;
+    if (path_.coalesce) {
+      c10::intrusive_ptr<c10d::Work> work;
+      std::string what = batch.front().what;
+      try {
+        group.startCoalescing();
+        for (auto& message : batch) {
+          std::vector<torch::Tensor> tensors{message.tensor};
+          const auto peer = static_cast<int>(message.group_peer);
+          if (message.is_send) {
+            group.send(tensors, peer, 0);
+          } else {
+            group.recv(tensors, peer, 0);
+          }
+        }
+        work = group.endCoalescing();
+      } catch (const std::exception& e) {
+        throw_posted_failure(batch.front().peer, what, e.what());
+      }
+      // NCCL's wait makes the current stream wait: the lane's next
+      // computation reads what arrived only after it has.
+      wait(work, batch.front().peer, what);
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& message : batch) {
+        if (message.is_send) {
+          sends_.push_back({work, message.peer, std::move(message.tensor)});
+        }
+      }
+      return;
+    }
+    const int tag = static_cast<int>(kOrderedCode << 24);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (auto& message : batch) {
+      std::vector<torch::Tensor> tensors{message.tensor};
+      const auto peer = static_cast<int>(message.group_peer);
+      works.push_back(
+          message.is_send ? group.send(tensors, peer, tag)
+                          : group.recv(tensors, peer, tag));
+    }
+    for (size_t k = 0; k < works.size(); ++k) {
+      wait(
+          works[k],
+          batch[k].peer,
+          batch[k].is_send ? "the receive of the " + batch[k].what
+                           : batch[k].what);
+    }
+  }
+
+  /// Throws the posted failure if the watchdog aborted this rank's messages
+  /// (over NCCL, a lane may run to its end on aborted messages).
+  void rethrow_if_aborted() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!aborted_) {
+        return;
+      }
+    }
+    const auto posted = board_.find_within(std::chrono::milliseconds(1000));
+    TORCH_CHECK(
+        false,
+        "gpipe: ",
+        posted ? *posted : std::string("another rank failed"),
+        " (seen at the end of this rank's lane)");
   }
 
  private:
@@ -401,6 +545,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     }
     return text.str();
   }
+
+  struct Queued {
+    torch::Tensor tensor;
+    int64_t peer; // the World's rank, for messages
+    int64_t group_peer; // the ordered path's rank
+    bool is_send;
+    std::string what;
+  };
 
   struct Pending {
     c10::intrusive_ptr<c10d::Work> work;
@@ -481,6 +633,10 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   FailureBoard& board_;
   std::function<std::string(int64_t)> describe_;
   std::chrono::milliseconds timeout_;
+  OrderedPath path_;
+  bool ordered_ = false; // this step
+  std::vector<Queued> queue_; // by order, not yet issued
+  std::vector<int64_t> completed_; // signatures whose shapes are agreed
   gpipe::detail::PipeCall* call_ = nullptr;
   int64_t signature_ = 0;
   bool agree_every_time_ = false;

@@ -22,7 +22,18 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/types.h>
 
+// NCCL where LibTorch was built with it and nccl.h is on the include path
+// (gpipe::distributed adds the torch wheel's nvidia/nccl/include).
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#define GPIPE_HAS_NCCL 1
+#else
+#define GPIPE_HAS_NCCL 0
+#endif
+
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -184,20 +195,58 @@ class World {
   c10::intrusive_ptr<c10d::Backend> new_group(
       const std::string& name,
       const std::vector<int64_t>& ranks) const {
-    int64_t index = -1;
-    for (size_t k = 0; k < ranks.size(); ++k) {
-      if (ranks[k] == rank()) {
-        index = static_cast<int64_t>(k);
-      }
+    return make_gloo(
+        name, index_in(name, ranks), static_cast<int64_t>(ranks.size()));
+  }
+
+  /// A NCCL group over `ranks` (this rank among them) on `device`, its
+  /// communicator connected now, on every member at once, so that no
+  /// message later waits for a peer still connecting.
+  c10::intrusive_ptr<c10d::Backend> new_nccl_group(
+      const std::string& name,
+      const std::vector<int64_t>& ranks,
+      const torch::Device& device) const {
+    const int64_t index = index_in(name, ranks);
+#if GPIPE_HAS_NCCL
+    auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+    nccl_options->timeout = timeout();
+    try {
+      auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>(name + "/", store_),
+          static_cast<int>(index),
+          static_cast<int>(ranks.size()),
+          nccl_options);
+      group->eagerConnectSingleDevice(device);
+      return group;
+    } catch (const std::exception& e) {
+      TORCH_CHECK(
+          false,
+          "gpipe: rank ",
+          rank(),
+          " could not connect NCCL group '",
+          name,
+          "' of ",
+          ranks.size(),
+          " ranks on ",
+          device,
+          " (NCCL needs a GPU per rank: ranks that share a GPU need ",
+          "Backend::Gloo): ",
+          e.what());
     }
+#else
     TORCH_CHECK(
-        index >= 0,
+        false,
         "gpipe: rank ",
         rank(),
-        " builds group '",
+        " needs NCCL for group '",
         name,
-        "' without being a member");
-    return make_gloo(name, index, static_cast<int64_t>(ranks.size()));
+        "' on ",
+        device,
+        ", but this build has none (LibTorch built without USE_C10D_NCCL, ",
+        "or nccl.h not on the include path: gpipe::distributed adds the ",
+        "torch wheel's nvidia/nccl/include); use Backend::Gloo");
+#endif
+    return {};
   }
 
   /// A fresh key prefix for the next pipe built on this World: every rank
@@ -208,6 +257,19 @@ class World {
   }
 
  private:
+  int64_t index_in(const std::string& name, const std::vector<int64_t>& ranks)
+      const {
+    const auto found = std::find(ranks.begin(), ranks.end(), rank());
+    TORCH_CHECK(
+        found != ranks.end(),
+        "gpipe: rank ",
+        rank(),
+        " builds group '",
+        name,
+        "' without being a member");
+    return static_cast<int64_t>(found - ranks.begin());
+  }
+
   explicit World(WorldOptions options) : options_(std::move(options)) {
     if (const char* count = detail::env("TORCHELASTIC_RESTART_COUNT")) {
       attempt_ = detail::env_int("TORCHELASTIC_RESTART_COUNT", count);
