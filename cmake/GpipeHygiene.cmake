@@ -108,4 +108,24 @@ if(GPIPE_HEADER_CHECK)
     add_dependencies(header_check ${target})
     set(first OFF)
   endforeach()
+  # gpipe::distributed's headers, in one TU of their own (c10d's headers are
+  # slow to parse): with the first standard only, where Gloo's headers are.
+  if(GPIPE_GLOO_INCLUDE_DIR)
+    list(GET GPIPE_HEADER_CHECK_STANDARDS 0 std)
+    file(GLOB gpipe_distributed_headers CONFIGURE_DEPENDS
+         RELATIVE "${PROJECT_SOURCE_DIR}/include" "${PROJECT_SOURCE_DIR}/include/gpipe/distributed/*.h")
+    set(includes "#include <gpipe/distributed.h>\n#include <gpipe/distributed.h>\n")
+    foreach(header IN LISTS gpipe_distributed_headers)
+      string(APPEND includes "#include <${header}>\n")
+    endforeach()
+    set(cpp "${CMAKE_CURRENT_BINARY_DIR}/header_check/distributed_headers.cpp")
+    file(CONFIGURE OUTPUT "${cpp}" CONTENT
+         "// Generated: gpipe::distributed's headers.\n${includes}")
+    add_library(gpipe_header_check_distributed OBJECT "${cpp}")
+    target_link_libraries(gpipe_header_check_distributed PRIVATE gpipe::distributed)
+    set_target_properties(gpipe_header_check_distributed PROPERTIES
+      CXX_STANDARD ${std} CXX_STANDARD_REQUIRED ON CXX_EXTENSIONS OFF)
+    gpipe_target_warnings(gpipe_header_check_distributed)
+    add_dependencies(header_check gpipe_header_check_distributed)
+  endif()
 endif()

@@ -43,6 +43,12 @@ constexpr const char* kUsage =
     "  --steps N            timed steps (default 5)\n"
     "  --warmup N           untimed steps first (default 1)\n"
     "  --check 0|1          check the first step's gradients (default 1)\n"
+    "  --device cpu|cuda    where each rank computes; cuda is cuda:LOCAL_RANK\n"
+    "                       (default cpu)\n"
+    "  --backend NAME       auto (NCCL for CUDA, else Gloo), gloo, nccl\n"
+    "                       (default auto)\n"
+    "  --match-by-order 0|1 Gloo on CPUs: match messages by order, as NCCL\n"
+    "                       does, once a batch shape is known (default 0)\n"
     "  --picture FILE       the last step's schedule, gathered from every rank\n"
     "                       (SVG, written by rank 0; none: no picture;\n"
     "                       default distributed_mlp_schedule.svg)\n"
@@ -68,6 +74,9 @@ struct Flags {
   bool fail_in_first_attempt = false;
   std::string picture = "distributed_mlp_schedule.svg";
   bool compare_in_process = false;
+  torch::DeviceType device = torch::kCPU;
+  gpipe::distributed::Backend backend = gpipe::distributed::Backend::Auto;
+  bool match_by_order = false;
 };
 
 Flags parse_flags(int argc, char** argv) {
@@ -117,6 +126,26 @@ Flags parse_flags(int argc, char** argv) {
           flags.check = parse_int(kProgram, name, value, 0) != 0;
         } else if (name == "compare-in-process") {
           flags.compare_in_process = parse_int(kProgram, name, value, 0) != 0;
+        } else if (name == "device") {
+          if (value != "cpu" && value != "cuda") {
+            gpipe_example::usage_error(
+                kProgram, "unknown --device (got: " + value + ")");
+          }
+          flags.device = value == "cuda" ? torch::kCUDA : torch::kCPU;
+        } else if (name == "backend") {
+          using gpipe::distributed::Backend;
+          if (value == "auto") {
+            flags.backend = Backend::Auto;
+          } else if (value == "gloo") {
+            flags.backend = Backend::Gloo;
+          } else if (value == "nccl") {
+            flags.backend = Backend::Nccl;
+          } else {
+            gpipe_example::usage_error(
+                kProgram, "unknown --backend (got: " + value + ")");
+          }
+        } else if (name == "match-by-order") {
+          flags.match_by_order = parse_int(kProgram, name, value, 0) != 0;
         } else if (name == "picture") {
           flags.picture = value;
         } else if (name == "fail-in-first-attempt") {
@@ -242,7 +271,10 @@ int train(const Flags& flags) {
           .schedule(flags.schedule)
           .stages_per_rank(
               flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1)
-          .checkpoint(flags.checkpoint));
+          .checkpoint(flags.checkpoint)
+          .device(flags.device)
+          .backend(flags.backend)
+          .match_by_order(flags.match_by_order));
   model = nullptr; // this rank keeps only its own stages
   const bool inject = flags.fail_in_first_attempt && world->attempt() == 0 &&
       world->rank() == world->size() - 1;
@@ -276,8 +308,9 @@ int train(const Flags& flags) {
     double scale = 0;
     for (const auto& p : pipe->named_parameters()) {
       const auto& q = want[p.key()].grad();
-      worst =
-          std::max(worst, (p.value().grad() - q).abs().max().item<double>());
+      worst = std::max(
+          worst,
+          (p.value().grad().to(torch::kCPU) - q).abs().max().item<double>());
       scale = std::max(scale, q.abs().max().item<double>());
     }
     const double tolerance = 1e-5 * std::max(1.0, scale);
@@ -353,6 +386,12 @@ int train(const Flags& flags) {
                 << "\n";
     }
     std::cout << "loss of the last step: " << loss.item<double>() << "\n";
+    std::cout << "tensors between ranks: "
+              << (pipe->uses_nccl() ? "NCCL" : "Gloo") << " on "
+              << pipe->options.device().type() << ", last step's messages "
+              << (pipe->last_step_by_order() ? "matched by order"
+                                             : "matched by tag")
+              << "\n";
     if (draw) {
       draw_schedule(*world, *pipe, flags);
     }

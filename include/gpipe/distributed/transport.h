@@ -440,6 +440,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       } catch (...) {
       }
     }
+    if (path_.coalesce) {
+      // NCCL's kernels wait on the GPU, where aborting a Work cannot reach
+      // them: aborting the communicator ends them.
+      try {
+        path_.group->abort();
+      } catch (...) {
+      }
+    }
   }
 
   /// Issues the queued batch (Note [Ordered steps]).
