@@ -40,6 +40,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace gpipe::distributed {
@@ -162,6 +163,26 @@ class World {
         " ms");
     return std::shared_ptr<World>(new World(std::move(options)));
   }
+
+  /// The rank that hosts the store keeps it up until every rank's World
+  /// has ended, for at most kStoreLinger: a failure posted to the store
+  /// must stay readable while the other ranks fail (Note [A failed rank
+  /// stops every rank] in transport.h). Under torchrun's agent, which
+  /// hosts the store, nothing waits.
+  ~World() {
+    try {
+      store_->add("gpipe/worlds_ended", 1);
+      const auto until = std::chrono::steady_clock::now() + kStoreLinger;
+      while (hosts_store_ && store_->add("gpipe/worlds_ended", 0) < size() &&
+             std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    } catch (...) {
+    }
+  }
+
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
 
   int64_t rank() const {
     return options_.rank();
@@ -305,6 +326,7 @@ class World {
           ": ",
           e.what());
     }
+    hosts_store_ = store_options.isServer;
     store_ = c10::make_intrusive<c10d::PrefixStore>(
         "/worker/attempt_" + std::to_string(attempt_), tcp);
     group_ = make_gloo("gpipe/world", rank(), size());
@@ -350,7 +372,10 @@ class World {
     return {};
   }
 
+  static constexpr std::chrono::seconds kStoreLinger{5};
+
   WorldOptions options_;
+  bool hosts_store_ = false;
   int64_t attempt_ = 0;
   int64_t pipes_ = 0;
   c10::intrusive_ptr<c10d::Store> store_;
