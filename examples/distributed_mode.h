@@ -1,8 +1,9 @@
-// distributed_mlp: the giant MLP across processes, launched by torchrun.
+// The giant MLP across processes, launched by torchrun: `giant_mlp
+// --distributed [flags]` and `distributed_mlp [flags]` both run it.
 //
 //   PYTHONPATH=~/.cache/gpipe/torch-2.11.0 python3 -m torch.distributed.run \
 //       --standalone --nproc-per-node 4 --no-python
-//       ./build/examples/distributed_mlp
+//       ./build/examples/giant_mlp --distributed
 //
 // Every rank builds the same seeded model and keeps its stage; the first
 // step's gradients are checked against single-process plain training of the
@@ -10,6 +11,8 @@
 // per-rank step times. Rank 0 ends with one JSON line, the format that
 // benchmarks/distributed_vs_pipelining.py reads. Exits 1 when a gradient
 // differs from plain training.
+#pragma once
+
 #include "flags.h"
 
 #include <gpipe/chart.h>
@@ -28,11 +31,12 @@
 #include <sys/resource.h>
 #include <vector>
 
-namespace {
+namespace gpipe_example::distributed_mode {
 
 constexpr const char* kProgram = "distributed_mlp";
 constexpr const char* kUsage =
-    "usage: distributed_mlp [flags], under torchrun (one process per rank)\n"
+    "usage: giant_mlp --distributed [flags], or distributed_mlp [flags],\n"
+    "under torchrun (one process per rank)\n"
     "  --schedule NAME      fill_drain (or gpipe), 1f1b, interleaved, zero_bubble\n"
     "  --layers N           Linear+ReLU blocks (default 8)\n"
     "  --width N            features (default 256)\n"
@@ -79,7 +83,7 @@ struct Flags {
   bool match_by_order = false;
 };
 
-Flags parse_flags(int argc, char** argv) {
+inline Flags parse_flags(int argc, char** argv) {
   using gpipe_example::parse_int;
   Flags flags;
   gpipe_example::for_each_flag(
@@ -159,7 +163,7 @@ Flags parse_flags(int argc, char** argv) {
   return flags;
 }
 
-torch::nn::Sequential make_model(const Flags& flags) {
+inline torch::nn::Sequential make_model(const Flags& flags) {
   torch::manual_seed(0);
   torch::nn::Sequential seq;
   for (int64_t l = 0; l < flags.layers; ++l) {
@@ -169,23 +173,29 @@ torch::nn::Sequential make_model(const Flags& flags) {
   return seq;
 }
 
-double median(std::vector<double> values) {
+inline double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   return values[values.size() / 2];
 }
 
-std::string get(c10d::Store& store, const std::string& key) {
+inline std::string get(c10d::Store& store, const std::string& key) {
   const auto value = store.get(key);
   return {value.begin(), value.end()};
 }
 
-void set(c10d::Store& store, const std::string& key, const std::string& text) {
+inline void set(
+    c10d::Store& store,
+    const std::string& key,
+    const std::string& text) {
   store.set(key, std::vector<uint8_t>(text.begin(), text.end()));
 }
 
 /// The median step of the same model and batch as one process's pipe, a
 /// lane (thread) per stage: the in-process baseline of a distributed step.
-double in_process_step_ms(const Flags& flags, int64_t stages, int64_t steps) {
+inline double in_process_step_ms(
+    const Flags& flags,
+    int64_t stages,
+    int64_t steps) {
   auto model = make_model(flags);
   const int64_t n =
       stages * (flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1);
@@ -218,7 +228,7 @@ double in_process_step_ms(const Flags& flags, int64_t stages, int64_t steps) {
 
 /// Rank 0: every rank's events of the last step (replica 0's pipeline)
 /// drawn next to the schedule's theory, into `flags.picture`.
-void draw_schedule(
+inline void draw_schedule(
     gpipe::distributed::World& world,
     gpipe::distributed::DistributedGPipeImpl& pipe,
     const Flags& flags) {
@@ -253,9 +263,7 @@ void draw_schedule(
             << gpipe::bubble_fraction(measured) << ")\n";
 }
 
-} // namespace
-
-int train(const Flags& flags) {
+inline int train(const Flags& flags) {
   auto world = gpipe::distributed::World::connect();
   std::cout << "rank " << world->rank() << " of " << world->size()
             << ": attempt " << world->attempt() << std::endl;
@@ -414,7 +422,9 @@ int train(const Flags& flags) {
   return matches ? 0 : 1;
 }
 
-int main(int argc, char** argv) {
+/// The distributed mode's whole program; exits non-zero on a failure, so
+/// that torchrun --max-restarts restarts the job.
+inline int main(int argc, char** argv) {
   const Flags flags = parse_flags(argc, argv);
   torch::set_num_threads(1);
   try {
@@ -427,3 +437,5 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+
+} // namespace gpipe_example::distributed_mode

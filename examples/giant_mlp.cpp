@@ -23,6 +23,9 @@
 
 #include "flags.h"
 #include "run_results.h"
+#if GPIPE_EXAMPLE_DISTRIBUTED
+#include "distributed_mode.h"
+#endif
 
 #include <torch/torch.h>
 
@@ -110,6 +113,10 @@ flags (--name value or --name=value):
                      (default giant_mlp_output)
   --seed N           seed of weights and data (default 0)
   --help             this text
+
+giant_mlp --distributed [flags] trains the giant MLP across processes under
+torchrun, one process per rank (giant_mlp --distributed --help lists its
+flags; built where gpipe::distributed is).
 )";
 
 Flags parse_flags(int argc, char** argv) {
@@ -1020,6 +1027,16 @@ std::string set_threads(const Tour& tour) {
 } // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--distributed") {
+#if GPIPE_EXAMPLE_DISTRIBUTED
+    return gpipe_example::distributed_mode::main(argc - 1, argv + 1);
+#else
+    usage_error(
+        kProgram,
+        "--distributed needs gpipe::distributed, which this build lacks "
+        "(Gloo's headers: libgloo-dev)");
+#endif
+  }
   // Count CPU memory from the first allocation on, parameters included.
   gpipe::track_cpu_memory();
   const auto started = Clock::now();

@@ -334,6 +334,19 @@ int fault(const std::shared_ptr<gd::World>& world) {
         std::cout << "RESULT again=" << message.substr(0, message.find('\n'))
                   << std::endl;
       }
+      if (const int64_t later = arg(args, "read_store_after_ms", 0);
+          later > 0 && world->rank() != 0) {
+        // Long after rank 0's step failed: is its store still up?
+        std::this_thread::sleep_for(std::chrono::milliseconds(later));
+        bool readable = false;
+        try {
+          world->store()->check({"gpipe/worlds_ended"}); // any answer
+          readable = true;
+        } catch (const std::exception&) {
+        }
+        std::cout << "RESULT store_after=" << (readable ? "up" : "gone")
+                  << std::endl;
+      }
       return step == 1 ? 0 : 2;
     }
   }
@@ -663,6 +676,13 @@ TEST(Distributed, FourRanksTrainLikePlainWithMessagesMatchedByOrder) {
        /*world=*/4}));
 }
 
+TEST(
+    Distributed,
+    TwoReplicasOfTwoStagesTrainLikePlainWithMessagesMatchedByOrder) {
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=3,steps=3,batches=11:7:11,sum=1,by_order=1", 4}));
+}
+
 TEST(Distributed, TwoRanksOnTwoGpusTrainLikePlainOverNccl_MultiCUDA) {
   if (torch::cuda::device_count() < 2) {
     GTEST_SKIP() << "needs 2 CUDA devices, found "
@@ -766,6 +786,21 @@ TEST(
   EXPECT_NE(
       outcomes[0].result("error").find("micro-batch 0"), std::string::npos)
       << outcomes[0];
+}
+
+TEST(
+    Distributed,
+    AFailureOfTheRankThatHostsTheStoreStaysReadableUntilEveryRankHasSeenIt) {
+  // Rank 0 fails first and, its step over, ends at once: the store it hosts
+  // must outlive it until the other ranks have read its error.
+  const auto outcomes = mp::run(
+      {"fault",
+       "kind=throw,at=0,timeout_ms=20000,read_store_after_ms=1500",
+       /*world=*/4});
+  expect_everyone_names(outcomes, 0, "the trap sprang in forward", 10.0, true);
+  for (size_t r = 1; r < outcomes.size(); ++r) {
+    EXPECT_EQ(outcomes[r].result("store_after"), "up") << outcomes[r];
+  }
 }
 
 TEST(Distributed, AnExceptionInTheLossFunctionFailsEveryRank) {

@@ -5,9 +5,10 @@
 // `stages` ranks each (rank = replica * stages + position); each rank keeps
 // only its own stages and runs its lane of the same program the in-process
 // pipe runs (schedules.h), through the same executor and StepRunner, with a
-// process-group transport instead of mailboxes. After the drain, each
-// stage's gradients are summed across its replicas so that they equal plain
-// training of the global batch.
+// process-group transport instead of mailboxes: Gloo, or NCCL between GPUs
+// (Backend; NCCL needs the messages matched by order, ordered_messages.h).
+// After the drain, each stage's gradients are summed across its replicas so
+// that they equal plain training of the global batch.
 //
 // Note [Interleaved stages across ranks]
 // With `stages_per_rank(v)`, the model is cut into stages * v virtual stages

@@ -1,4 +1,6 @@
-// The executor's Transport between processes: bundles as Gloo messages.
+// The executor's Transport between processes: bundles as tagged Gloo
+// messages, or by order in coalesced groups (NCCL, or Gloo following NCCL's
+// rules) once their shapes are agreed.
 //
 // Note [Shapes are agreed once per batch shape]
 // A receiver must allocate exactly what arrives, and a pipe learns its
