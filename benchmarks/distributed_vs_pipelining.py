@@ -8,7 +8,10 @@ per process on 4 CPU processes over Gloo/loopback, and tabulates step time
 and peak RSS side by side.
 
 The gpipe side is a C++ program (--gpipe-binary) and the PyTorch side is
-pipelining_peer.py next to this file; both take the same flags
+pipelining_peer.py next to this file. gpipe runs twice: as it ships on Gloo
+(messages matched by tag), and with --match-by-order 1 (messages matched by
+order in coalesced batches, the rules its NCCL path follows), so the table
+also shows what NCCL's ordering costs on Gloo. All take the same flags
 
     --schedule gpipe|1f1b --layers L --width W --batch B --microbatches M
     --steps N --warmup K
@@ -20,8 +23,8 @@ entry per rank). Each is launched with
         [--no-python BINARY | pipelining_peer.py] FLAGS
 
 with OMP_NUM_THREADS=1 and PYTHONPATH pointing at the torch wheel. For every
-configuration the two implementations alternate for --rounds rounds (gpipe,
-pipelining, gpipe, pipelining, ...) so slow drift of the machine hits both
+configuration the implementations alternate for --rounds rounds (gpipe,
+gpipe by order, pipelining, gpipe, ...) so slow drift of the machine hits both
 alike; the table keeps the fastest round's median step time (min over rounds)
 and the largest peak RSS over rounds and ranks.
 
@@ -40,7 +43,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "pipelining_peer.py")
 NPROC = 4
-IMPLS = ("gpipe", "pipelining")
+IMPLS = ("gpipe", "gpipe_by_order", "pipelining")
+GPIPE_FLAGS = {"gpipe": [], "gpipe_by_order": ["--match-by-order", "1"]}
 SCHEDULES = ("gpipe", "1f1b")
 
 # The small model is all per-step overhead (messages, scheduling, Python);
@@ -79,7 +83,7 @@ def parse_args():
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     args.impls = (args.only,) if args.only else IMPLS
-    if "gpipe" in args.impls:
+    if any(impl in GPIPE_FLAGS for impl in args.impls):
         if not args.gpipe_binary:
             p.error("--gpipe-binary is required (or --only pipelining)")
         args.gpipe_binary = os.path.abspath(args.gpipe_binary)
@@ -141,12 +145,17 @@ def run_one(impl, schedule, config, steps, warmup, args, env):
     flags = ["--schedule", schedule]
     for key, value in [*config.items(), ("steps", steps), ("warmup", warmup)]:
         flags += [f"--{key}", str(value)]
-    program = ["--no-python", args.gpipe_binary] if impl == "gpipe" else [PEER]
-    if impl == "gpipe":
+    is_gpipe = impl in GPIPE_FLAGS
+    program = ["--no-python", args.gpipe_binary] if is_gpipe else [PEER]
+    if is_gpipe:
+        flags += GPIPE_FLAGS[impl]
         # distributed_mlp checks its first step against plain training by
         # default, which holds a whole reference model on every rank: not
         # what is measured here (the peer keeps only its stage either).
         flags += ["--check", "0"]
+        # Nor is drawing the last step's schedule (an SVG in the current
+        # folder).
+        flags += ["--picture", "none"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nproc-per-node", str(NPROC),
@@ -189,7 +198,8 @@ def run_one(impl, schedule, config, steps, warmup, args, env):
             result = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if result.get("impl") == impl and result.get("schedule") == schedule:
+        printed = "gpipe" if is_gpipe else impl  # both gpipe runs print "gpipe"
+        if result.get("impl") == printed and result.get("schedule") == schedule:
             missing = {"step_ms_median", "peak_rss_mb"} - result.keys()
             if missing or len(result["peak_rss_mb"]) != NPROC:
                 raise LaunchError(f"incomplete result {line!r} from {' '.join(cmd)}")
@@ -243,7 +253,8 @@ def main():
                 f"{name} (L={config['layers']} W={config['width']} "
                 f"B={config['batch']} M={config['microbatches']})"
             )
-            rows.append((label, schedule, best.get("gpipe"), best.get("pipelining"),
+            rows.append((label, schedule, best.get("gpipe"),
+                         best.get("gpipe_by_order"), best.get("pipelining"),
                          rss.get("gpipe"), rss.get("pipelining")))  # fmt: skip
 
     print(
@@ -252,12 +263,14 @@ def main():
         "step time, max peak RSS over rounds and ranks\n"
     )
     print("| configuration | schedule | gpipe ms | pipelining ms | gpipe/pipelining "
+          "| gpipe by order ms | by order/pipelining "
           "| gpipe RSS MB | pipelining RSS MB | RSS ratio |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, schedule, g_ms, p_ms, g_mb, p_mb in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, schedule, g_ms, o_ms, p_ms, g_mb, p_mb in rows:
         print(
             f"| {label} | {schedule} | {fmt(g_ms, '.2f')} | {fmt(p_ms, '.2f')} "
-            f"| {fmt(ratio(g_ms, p_ms), '.2f')} | {fmt(g_mb, '.0f')} "
+            f"| {fmt(ratio(g_ms, p_ms), '.2f')} | {fmt(o_ms, '.2f')} "
+            f"| {fmt(ratio(o_ms, p_ms), '.2f')} | {fmt(g_mb, '.0f')} "
             f"| {fmt(p_mb, '.0f')} | {fmt(ratio(g_mb, p_mb), '.2f')} |"
         )
 
