@@ -121,8 +121,8 @@ inline Program lower_for_ordered_messages(const Program& lowered) {
 
 /// Throws a `gpipe:` error naming the actions involved unless the valid,
 /// lowered `program` runs with its messages matched by order (Note
-/// [Messages matched by order]). Returns the number of groups issued.
-inline int64_t check_ordered_messages(const Program& program) {
+/// [Messages matched by order]).
+inline void check_ordered_messages(const Program& program) {
   const int64_t lanes = static_cast<int64_t>(program.lanes.size());
   auto lane_of_stage = [&](int64_t s) {
     return program.lane_of_stage[static_cast<size_t>(s)];
@@ -165,69 +165,64 @@ inline int64_t check_ordered_messages(const Program& program) {
   }
   // (b) run the lanes: a group holds its lane until each of its messages'
   // other end was issued.
-  {
-    std::vector<size_t> at(static_cast<size_t>(lanes), 0); // next action
-    std::vector<bool> holding(static_cast<size_t>(lanes), false);
-    // Per message, bit 0: its send was issued; bit 1: its receive.
-    std::map<MessageAddress, int> issued;
-    auto batch_end = [&](const std::vector<Action>& lane, size_t k) {
-      while (k < lane.size() && !is_compute(lane[k].op)) {
-        ++k;
-      }
-      return k;
-    };
-    int64_t groups = 0;
-    bool moved = true;
-    while (moved) {
-      moved = false;
-      for (int64_t l = 0; l < lanes; ++l) {
-        const auto& lane = program.lanes[static_cast<size_t>(l)];
-        auto& k = at[static_cast<size_t>(l)];
-        while (k < lane.size()) {
-          if (is_compute(lane[k].op)) {
-            ++k;
-            moved = true;
-            continue;
-          }
-          const size_t end = batch_end(lane, k);
-          if (!holding[static_cast<size_t>(l)]) {
-            holding[static_cast<size_t>(l)] = true;
-            ++groups;
-            for (size_t a = k; a < end; ++a) {
-              issued[message_address(lane[a])] |= is_send(lane[a].op) ? 1 : 2;
-            }
-            moved = true;
-          }
-          bool met = true;
-          for (size_t a = k; a < end && met; ++a) {
-            met = issued[message_address(lane[a])] == 3;
-          }
-          if (!met) {
-            break;
-          }
-          holding[static_cast<size_t>(l)] = false;
-          k = end;
-          moved = true;
-        }
-      }
+  std::vector<size_t> at(static_cast<size_t>(lanes), 0); // next action
+  std::vector<bool> holding(static_cast<size_t>(lanes), false);
+  // Per message, bit 0: its send was issued; bit 1: its receive.
+  std::map<MessageAddress, int> issued;
+  auto batch_end = [&](const std::vector<Action>& lane, size_t k) {
+    while (k < lane.size() && !is_compute(lane[k].op)) {
+      ++k;
     }
-    std::string stuck;
+    return k;
+  };
+  bool moved = true;
+  while (moved) {
+    moved = false;
     for (int64_t l = 0; l < lanes; ++l) {
       const auto& lane = program.lanes[static_cast<size_t>(l)];
-      const size_t k = at[static_cast<size_t>(l)];
-      if (k < lane.size()) {
-        stuck += (stuck.empty() ? "" : ", ") + std::string("lane ") +
-            std::to_string(l) + " at " + to_string(lane[k]);
+      auto& k = at[static_cast<size_t>(l)];
+      while (k < lane.size()) {
+        if (is_compute(lane[k].op)) {
+          ++k;
+          moved = true;
+          continue;
+        }
+        const size_t end = batch_end(lane, k);
+        if (!holding[static_cast<size_t>(l)]) {
+          holding[static_cast<size_t>(l)] = true;
+          for (size_t a = k; a < end; ++a) {
+            issued[message_address(lane[a])] |= is_send(lane[a].op) ? 1 : 2;
+          }
+          moved = true;
+        }
+        bool met = true;
+        for (size_t a = k; a < end && met; ++a) {
+          met = issued[message_address(lane[a])] == 3;
+        }
+        if (!met) {
+          break;
+        }
+        holding[static_cast<size_t>(l)] = false;
+        k = end;
+        moved = true;
       }
     }
-    TORCH_CHECK(
-        stuck.empty(),
-        "gpipe: this program cannot run with messages matched by order ",
-        "(NCCL): its coalesced groups wait for each other (",
-        stuck,
-        ")");
-    return groups;
   }
+  std::string stuck;
+  for (int64_t l = 0; l < lanes; ++l) {
+    const auto& lane = program.lanes[static_cast<size_t>(l)];
+    const size_t k = at[static_cast<size_t>(l)];
+    if (k < lane.size()) {
+      stuck += (stuck.empty() ? "" : ", ") + std::string("lane ") +
+          std::to_string(l) + " at " + to_string(lane[k]);
+    }
+  }
+  TORCH_CHECK(
+      stuck.empty(),
+      "gpipe: this program cannot run with messages matched by order ",
+      "(NCCL): its coalesced groups wait for each other (",
+      stuck,
+      ")");
 }
 
 } // namespace gpipe::detail

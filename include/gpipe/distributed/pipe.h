@@ -432,17 +432,16 @@ class DistributedGPipeImpl : public torch::nn::Module {
     // agreed; Gloo does with match_by_order.
     detail::OrderedPath path;
     if (nccl_) {
-      std::vector<int64_t> pipeline;
-      for (int64_t p = 0; p < options.stages(); ++p) {
-        pipeline.push_back(replica_ * options.stages() + p);
-      }
+      // The group's ranks are this pipeline's, in stage order, so stage s
+      // is its rank s % stages.
+      const auto first = rank_of_stage_.begin();
+      path.group = world_->new_nccl_group(
+          prefix + "nccl_pipeline_" + std::to_string(replica_),
+          std::vector<int64_t>(first, first + options.stages()),
+          options.device());
       for (int64_t s = 0; s < n_; ++s) {
         path.rank_of_stage.push_back(s % options.stages());
       }
-      path.group = world_->new_nccl_group(
-          prefix + "nccl_pipeline_" + std::to_string(replica_),
-          pipeline,
-          options.device());
       path.device = options.device();
       path.coalesce = true;
     } else if (options.match_by_order()) {
