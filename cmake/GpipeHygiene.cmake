@@ -69,7 +69,8 @@ endfunction()
 if(GPIPE_HEADER_CHECK)
   file(GLOB gpipe_public_headers CONFIGURE_DEPENDS
        RELATIVE "${PROJECT_SOURCE_DIR}/include" "${PROJECT_SOURCE_DIR}/include/gpipe/*.h")
-  file(GLOB gpipe_detail_headers CONFIGURE_DEPENDS
+  # detail/ has rooms of its own (cell/, program/).
+  file(GLOB_RECURSE gpipe_detail_headers CONFIGURE_DEPENDS
        RELATIVE "${PROJECT_SOURCE_DIR}/include" "${PROJECT_SOURCE_DIR}/include/gpipe/detail/*.h")
   set(includes "")
   foreach(header IN LISTS gpipe_public_headers gpipe_detail_headers)

@@ -494,6 +494,12 @@ int configuration(const std::shared_ptr<gd::World>& world) {
     if (kind == "cuda_without_gpu") {
       options.device(torch::kCUDA);
     }
+    if (kind == "forged_backend") {
+      options.backend(static_cast<gd::Backend>(42));
+    }
+    if (kind == "forged_checkpoint") {
+      options.checkpoint(static_cast<gpipe::Checkpoint>(42));
+    }
     if (kind == "order_on_nccl") {
       options.backend(gd::Backend::Nccl)
           .device(torch::Device(torch::kCUDA, 0))
@@ -573,10 +579,10 @@ TEST(
             continue; // a placement this schedule does not take
           }
           const auto placed =
-              gpipe::detail::lower_for_ordered_messages(program);
+              gpipe::lower_for_ordered_messages(program);
           EXPECT_NO_THROW({
             gpipe::simulate(placed);
-            gpipe::detail::check_ordered_messages(placed);
+            gpipe::check_ordered_messages(placed);
           }) << schedule
              << ", ranks " << ranks << ", v " << v << ", m " << m << "\n"
              << placed;
@@ -597,7 +603,7 @@ TEST(
       gpipe::build_program(Schedule::OneFOneB, 4, 3, round_robin(4, 2));
   EXPECT_NE(
       gpipe_test::error_of(
-          [&] { gpipe::detail::check_ordered_messages(mismatched); })
+          [&] { gpipe::check_ordered_messages(mismatched); })
           .find("message 2 from lane 1 to lane 0 is 1SEND_F2 at the sender but "
                 "2RECV_B0 at the receiver"),
       std::string::npos);
@@ -606,21 +612,21 @@ TEST(
       gpipe::build_program(Schedule::FillDrain, 4, 4, round_robin(4, 2));
   EXPECT_NE(
       gpipe_test::error_of(
-          [&] { gpipe::detail::check_ordered_messages(deadlocked); })
+          [&] { gpipe::check_ordered_messages(deadlocked); })
           .find("its coalesced groups wait for each other (lane 0 at 2SEND_F0, "
                 "lane 1 at 1SEND_F1)"),
       std::string::npos);
   // Both run once their receives are placed by time.
   for (const auto* program : {&mismatched, &deadlocked}) {
-    EXPECT_NO_THROW(gpipe::detail::check_ordered_messages(
-        gpipe::detail::lower_for_ordered_messages(*program)));
+    EXPECT_NO_THROW(gpipe::check_ordered_messages(
+        gpipe::lower_for_ordered_messages(*program)));
   }
 }
 
 TEST(MessagesMatchedByOrder, PlacingByTimeKeepsComputationsAndSendsInPlace) {
   const auto program =
       gpipe::build_program(Schedule::Interleaved1F1B, 8, 5, round_robin(8, 4));
-  const auto placed = gpipe::detail::lower_for_ordered_messages(program);
+  const auto placed = gpipe::lower_for_ordered_messages(program);
   for (size_t l = 0; l < program.lanes.size(); ++l) {
     std::vector<gpipe::Action> before;
     std::vector<gpipe::Action> after;
@@ -870,9 +876,17 @@ TEST(Distributed, RanksBuiltWithDifferentOptionsOrModelsAreAnErrorOnEveryRank) {
   }
 }
 
-TEST(Distributed, DevicesAndBackendsThatCannotWorkAreAnErrorOnEveryRank) {
+TEST(Distributed, DevicesBackendsAndModesThatCannotWorkAreAnErrorOnEveryRank) {
   std::map<std::string, std::string> expected{
-      {"nccl_on_cpu", "Backend::Nccl needs a CUDA device, got cpu"}};
+      {"nccl_on_cpu", "Backend::Nccl needs a CUDA device, got cpu"},
+      // Forged enum values (a cast, a config file) are named, never taken
+      // as some default.
+      {"forged_backend",
+       "gpipe: backend is not a Backend (value: 42); use Backend::Auto, "
+       "Backend::Gloo or Backend::Nccl"},
+      {"forged_checkpoint",
+       "gpipe: checkpoint is not a Checkpoint (value: 42); use "
+       "Checkpoint::Always, Checkpoint::ExceptLast or Checkpoint::Never"}};
   if (!torch::cuda::is_available()) {
     expected.emplace(
         "cuda_without_gpu",

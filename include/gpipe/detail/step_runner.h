@@ -1,18 +1,18 @@
 // What `step()` does to each cell, for any host of stages: a pipe in one
 // process (pipe.h) or one rank of a pipe across processes (distributed/).
 //
-// The host owns the partitions and says where tensors go; the runner keeps
-// each cell's StageState from its F to its B (or W), applies the loss on the
-// last stage and hands the first stage's input gradients back to the
-// caller's graph. A host provides `stage_count()`, `loss_reduction()`,
-// `make_state`, `run_cell`, `receive`, `receive_all` and `check_batch_kept`,
-// as GPipeImpl defines them; a host in one process calls every stage, a
-// rank only its own.
+// The host (stage_host.h) owns the partitions and says where tensors go;
+// the runner keeps each cell's StageState from its F to its B (or W),
+// applies the loss on the last stage and hands the first stage's input
+// gradients back to the caller's graph. A host in one process runs every
+// stage, a rank only its own.
 #pragma once
 
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/executor.h>
+#include <gpipe/detail/cell_context.h>
 #include <gpipe/detail/stage.h>
+#include <gpipe/detail/stage_host.h>
 #include <gpipe/options.h>
 
 #include <c10/util/Exception.h>
@@ -31,63 +31,19 @@ namespace gpipe::detail {
 using LossFunction =
     std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
 
-/// Whether `mode` re-materializes micro-batch i of m (in training).
-inline bool checkpointed(Checkpoint mode, int64_t i, int64_t m) {
-  switch (mode) {
-    case Checkpoint::Never:
-      return false;
-    case Checkpoint::ExceptLast:
-      return i < m - 1;
-    case Checkpoint::Always:
-      return true;
-  }
-  return false;
-}
-
-/// Under micro-batching every tensor partition j hands on keeps the
-/// batch in dimension 0; its last `skips` outputs travel per micro-batch
-/// and need not.
-inline void check_batch_kept(
-    int64_t i,
-    int64_t j,
-    const Bundle& x,
-    const Bundle& out,
-    const PipeCall& call,
-    size_t skips) {
-  if (!call.split) {
-    return;
-  }
-  const int64_t batch = x.front().size(0);
-  for (size_t k = 0; k + skips < out.size(); ++k) {
-    TORCH_CHECK(
-        out[k].dim() >= 1 && out[k].size(0) == batch,
-        "gpipe: partition ",
-        j,
-        " changed the batch dimension on micro-batch ",
-        i,
-        " (input shape: ",
-        x.front().sizes(),
-        ", output shape: ",
-        out[k].sizes(),
-        out.size() - skips > 1 ? ", output " + std::to_string(k) : "",
-        "); under micro-batching every partition must keep the batch in "
-        "dimension 0, so layers that reduce over the batch (sum(0), a mean "
-        "of everything, statistics by hand) belong after the pipe, on its "
-        "output");
-  }
-}
-
 /// `step()`'s stages: the host calls each cell's StageState itself, so a
 /// cell's backward can be split into I and W (Note [Splitting a backward
 /// into I and W]) and no graph spans two cells: activations cross lanes
 /// detached, gradients travel back as tensors.
-template <typename Host>
 class StepRunner final : public StageRunner {
  public:
   /// `inputs` and `targets` per micro-batch, read only on the first and
-  /// the last stage; `batch` is the batch that Reduction::Mean divides by.
+  /// the last stage; `batch` is the batch that Reduction::Mean divides by;
+  /// `checkpoint` is Checkpoint::Never outside training.
   StepRunner(
-      Host& pipe,
+      StageHost& pipe,
+      Checkpoint checkpoint,
+      Reduction reduction,
       int64_t microbatches,
       const std::vector<Bundle>& inputs,
       std::vector<torch::Tensor> targets,
@@ -97,6 +53,8 @@ class StepRunner final : public StageRunner {
       bool needs_graph)
       : loss_values(static_cast<size_t>(microbatches)),
         pipe_(pipe),
+        checkpoint_(checkpoint),
+        reduction_(reduction),
         inputs_(inputs),
         targets_(std::move(targets)),
         loss_fn_(loss_fn),
@@ -145,9 +103,10 @@ class StepRunner final : public StageRunner {
     input_counts_[ss][ii] = x.size();
     Bundle out;
     if (!needs_graph_) {
-      out = pipe_.run_cell(i, s, m_, x, call_, /*needs_graph=*/false);
+      out = pipe_.run_without_graph(i, s, x, call_);
     } else {
-      auto state = pipe_.make_state(i, s, m_, call_);
+      auto state =
+          pipe_.make_state(i, s, checkpointed(checkpoint_, i, m_), call_);
       out = with_cell_context(
           {i, s}, "forward", [&] { return state->forward(x); });
       pipe_.check_batch_kept(i, s, x, out, *call_);
@@ -186,7 +145,7 @@ class StepRunner final : public StageRunner {
         "(plain training fails the same way: element 0 of tensors does ",
         "not require grad and does not have a grad_fn); check that ",
         "loss_fn and the last layers do not detach their output");
-    if (pipe_.loss_reduction() == Reduction::Mean) {
+    if (reduction_ == Reduction::Mean) {
       loss = loss * (static_cast<double>(output.size(0)) / batch_);
     }
     losses_[ii] = loss.reshape({});
@@ -261,10 +220,21 @@ class StepRunner final : public StageRunner {
     });
   }
 
+  /// The batch's loss: the micro-batches' losses added in order.
+  torch::Tensor total_loss() const {
+    torch::Tensor total = loss_values.front();
+    for (size_t i = 1; i < loss_values.size(); ++i) {
+      total = total + loss_values[i];
+    }
+    return total;
+  }
+
   std::vector<torch::Tensor> loss_values;
 
  private:
-  Host& pipe_;
+  StageHost& pipe_;
+  Checkpoint checkpoint_;
+  Reduction reduction_;
   const std::vector<Bundle>& inputs_;
   std::vector<torch::Tensor> targets_;
   const LossFunction& loss_fn_;

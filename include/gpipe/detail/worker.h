@@ -105,6 +105,18 @@ inline void run_on_workers(
     std::vector<DeviceTask>& tasks,
     const CallerContext& caller) {
   std::vector<std::exception_ptr> errors(tasks.size());
+  // Runs task t on its device, keeping its exception.
+  auto run_task = [&](size_t t) {
+    try {
+      c10::OptionalDeviceGuard device_guard;
+      if (!tasks[t].device.is_cpu()) {
+        device_guard.reset_device(tasks[t].device);
+      }
+      tasks[t].run();
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
   std::mutex mutex;
   std::condition_variable done;
   size_t pending = 0;
@@ -120,12 +132,8 @@ inline void run_on_workers(
       try {
         at::ThreadLocalStateGuard state_guard(caller.thread_local_state);
         c10::MultiStreamGuard stream_guard(caller.current_streams);
-        c10::OptionalDeviceGuard device_guard;
-        if (!tasks[t].device.is_cpu()) {
-          device_guard.reset_device(tasks[t].device);
-        }
-        tasks[t].run();
-      } catch (...) {
+        run_task(t);
+      } catch (...) { // a guard that failed to set up
         errors[t] = std::current_exception();
       }
       std::lock_guard<std::mutex> lock(mutex);
@@ -135,17 +143,8 @@ inline void run_on_workers(
     });
   }
   for (size_t t = 0; t < tasks.size(); ++t) {
-    if (tasks[t].worker != nullptr) {
-      continue;
-    }
-    try {
-      c10::OptionalDeviceGuard device_guard;
-      if (!tasks[t].device.is_cpu()) {
-        device_guard.reset_device(tasks[t].device);
-      }
-      tasks[t].run();
-    } catch (...) {
-      errors[t] = std::current_exception();
+    if (tasks[t].worker == nullptr) {
+      run_task(t);
     }
   }
   {

@@ -1,21 +1,6 @@
 // The executor's Transport between processes: bundles as tagged Gloo
 // messages, or by order in coalesced groups (NCCL, or Gloo following NCCL's
-// rules) once their shapes are agreed.
-//
-// Note [Shapes are agreed once per batch shape]
-// A receiver must allocate exactly what arrives, and a pipe learns its
-// activations' shapes only by running (a batch of another size, a last
-// micro-batch smaller than the others, a layer that returns a list). So the
-// first time a bundle travels for a given step signature (the batch's
-// shapes and dtypes, which the first stage tells every rank at the start of
-// a step) it is preceded by a small fixed-size header: how many tensors,
-// whether they form a list, and each tensor's dtype, shape and
-// requires_grad. Both ends keep that header; in later steps of the same
-// signature the bundle travels without one (on Gloo every message costs a
-// round trip), and the sender checks that what it sends is what was agreed:
-// a model whose shapes change under the same input shapes gets a `gpipe:`
-// error naming DistributedOptions::agree_shapes_every_step, which sends the
-// header every time. Nothing is ever reinterpreted.
+// rules) once their shapes are agreed (bundle_header.h).
 //
 // Note [Sends complete when received]
 // A Gloo send completes only once the peer has posted the matching receive,
@@ -33,20 +18,12 @@
 // queue as one coalesced group (NCCL) or posts it and waits for all of it
 // (Gloo following NCCL's rules, one tag for all). A step that agrees shapes
 // goes with tags over the World's Gloo group, staged through the CPU.
-//
-// Note [A failed rank stops every rank]
-// A rank that fails writes its error to the store (the first one wins) and
-// aborts its pending messages. While a step runs, a watchdog on every rank
-// polls the store and, once an error is there, aborts the receive the rank
-// is blocked in, which then throws that error naming the failed rank. A
-// rank that died without reporting (exit, SIGKILL) closes its connections,
-// so its peers' receives fail within the second; a rank stuck forever lets
-// its peers time out after WorldOptions::timeout. Ranks further away fail
-// the same way once their neighbour stops.
 #pragma once
 
 #include <gpipe/detail/executor.h>
-#include <gpipe/detail/stage.h>
+#include <gpipe/detail/pipe_call.h>
+#include <gpipe/distributed/bundle_header.h>
+#include <gpipe/distributed/failure.h>
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -70,86 +47,6 @@
 #include <vector>
 
 namespace gpipe::distributed::detail {
-
-using gpipe::detail::Bundle;
-using gpipe::detail::Direction;
-using gpipe::detail::Tag;
-
-/// Where ranks post the first failure of a pipe (Note [A failed rank stops
-/// every rank]).
-class FailureBoard {
- public:
-  FailureBoard(c10::intrusive_ptr<c10d::Store> store, std::string prefix)
-      : store_(std::move(store)), prefix_(std::move(prefix)) {}
-
-  /// Posts `message` unless another rank posted first. Never throws: the
-  /// store may be gone with the rank that hosted it.
-  void post(const std::string& message) noexcept {
-    try {
-      if (store_->add(prefix_ + "failures", 1) == 1) {
-        store_->set(prefix_ + "error", bytes(message));
-      }
-    } catch (...) {
-    }
-  }
-
-  /// The posted failure, if any (and the store still answers).
-  std::optional<std::string> find() noexcept {
-    try {
-      if (store_->check({prefix_ + "error"})) {
-        const auto value = store_->get(prefix_ + "error");
-        return std::string(value.begin(), value.end());
-      }
-    } catch (...) {
-    }
-    return std::nullopt;
-  }
-
-  /// `find()`, retried for up to `wait`: a failed rank posts its error
-  /// just before it exits, so a peer that sees the connection close may
-  /// look a moment early.
-  std::optional<std::string> find_within(std::chrono::milliseconds wait) {
-    const auto until = std::chrono::steady_clock::now() + wait;
-    while (true) {
-      if (auto found = find()) {
-        return found;
-      }
-      if (std::chrono::steady_clock::now() >= until) {
-        return std::nullopt;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  }
-
- private:
-  static std::vector<uint8_t> bytes(const std::string& text) {
-    return {text.begin(), text.end()};
-  }
-
-  c10::intrusive_ptr<c10d::Store> store_;
-  std::string prefix_;
-};
-
-/// Gloo tags: (channel, direction) in bits 24-30, stage in 17-23, micro-batch
-/// in 5-16, the message's index within its bundle in 0-4 (0: the header).
-/// Code 127 is the pipe's own control messages.
-constexpr int64_t kMaxStages = 128;
-constexpr int64_t kMaxMicrobatches = 4096;
-constexpr int64_t kMaxBundle = 31;
-constexpr int64_t kControlCode = 127;
-constexpr int64_t kOrderedCode = 126; // Gloo's one tag when by order
-constexpr int64_t kHeaderSize = 160;
-
-inline int wire_tag(const Tag& tag, int64_t k) {
-  const int64_t code =
-      tag.channel * 2 + (tag.direction == Direction::Backward ? 1 : 0);
-  return static_cast<int>(
-      (code << 24) | (tag.stage << 17) | (tag.microbatch << 5) | k);
-}
-
-inline int control_tag(int64_t kind) {
-  return static_cast<int>((kControlCode << 24) | kind);
-}
 
 /// Where a step's data goes when it goes by order (Note [Ordered steps]).
 struct OrderedPath {
@@ -188,9 +85,7 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   /// that signature completed, so both ends of every message hold its
   /// header (Note [Ordered steps]).
   bool can_order(int64_t signature) const {
-    return path_.group &&
-        std::find(completed_.begin(), completed_.end(), signature) !=
-        completed_.end();
+    return path_.group && headers_.completed(signature);
   }
 
   /// A step starts (Note [Shapes are agreed once per batch shape]):
@@ -205,34 +100,16 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         !ordered || (can_order(signature) && !agree_every_time),
         "gpipe: a step by order before its shapes were agreed");
     call_ = call;
-    signature_ = signature;
     agree_every_time_ = agree_every_time;
     ordered_ = ordered;
-    if (std::find(signatures_.begin(), signatures_.end(), signature) ==
-        signatures_.end()) {
-      signatures_.push_back(signature);
-      if (signatures_.size() > kSignaturesKept) {
-        // Every rank of the pipeline sees the same signatures in the same
-        // order, so both ends of each link forget the same ones.
-        const int64_t oldest = signatures_.front();
-        signatures_.erase(signatures_.begin());
-        for (auto it = agreed_.begin(); it != agreed_.end();) {
-          it = it->first.front() == oldest ? agreed_.erase(it) : std::next(it);
-        }
-        completed_.erase(
-            std::remove(completed_.begin(), completed_.end(), oldest),
-            completed_.end());
-      }
-    }
+    headers_.begin(signature);
   }
 
   /// The step's lane ended without an error on this rank.
   void end() {
     call_ = nullptr;
-    if (!agree_every_time_ &&
-        std::find(completed_.begin(), completed_.end(), signature_) ==
-            completed_.end()) {
-      completed_.push_back(signature_);
+    if (!agree_every_time_) {
+      headers_.complete();
     }
   }
 
@@ -249,49 +126,26 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     const bool is_list = tag.direction == Direction::Forward &&
         call_ != nullptr &&
         call_->output_is_list[static_cast<size_t>(tag.stage - 1)].load() == 1;
-    std::vector<int64_t> header{static_cast<int64_t>(tensors.size()), is_list};
-    for (const auto& tensor : tensors) {
-      header.push_back(tensor.defined());
-      if (!tensor.defined()) {
-        continue;
-      }
-      header.push_back(static_cast<int64_t>(tensor.scalar_type()));
-      header.push_back(tensor.requires_grad());
-      header.push_back(tensor.dim());
-      for (const int64_t size : tensor.sizes()) {
-        header.push_back(size);
-      }
-    }
-    TORCH_CHECK(
-        static_cast<int64_t>(header.size()) <= kHeaderSize,
-        "gpipe: the ",
-        to_string(tag),
-        " has too many tensors or dimensions to describe in one header (",
-        header.size(),
-        " numbers, at most ",
-        kHeaderSize,
-        ")");
-    header.resize(kHeaderSize, 0);
-    const auto key = key_of(tag);
-    const auto agreed = agreed_.find(key);
+    auto header = encode_header(tensors, is_list, to_string(tag));
+    const auto* agreed = headers_.find(tag);
     TORCH_INTERNAL_ASSERT(
-        !ordered_ || agreed != agreed_.end(),
+        !ordered_ || agreed != nullptr,
         "gpipe: no agreed header for the ",
         to_string(tag));
-    if (agree_every_time_ || agreed == agreed_.end()) {
+    if (agree_every_time_ || agreed == nullptr) {
       post_send(torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
       if (!agree_every_time_) {
-        agreed_.emplace(key, header);
+        headers_.agree(tag, std::move(header));
       }
     } else {
       TORCH_CHECK(
-          agreed->second == header,
+          *agreed == header,
           "gpipe: the ",
           to_string(tag),
           " has shapes ",
           describe_header(header),
           " but an earlier step with the same input shapes sent ",
-          describe_header(agreed->second),
+          describe_header(*agreed),
           "; for a model whose shapes depend on more than the input's, set ",
           "DistributedOptions::agree_shapes_every_step(true)");
     }
@@ -324,13 +178,10 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         tag.direction == Direction::Forward ? tag.stage - 1 : tag.stage + 1;
     const int64_t peer = rank_of_stage_[static_cast<size_t>(from)];
     const std::string what = to_string(tag);
-    const auto key = key_of(tag);
-    auto agreed = agreed_.find(key);
+    const auto* agreed = headers_.find(tag);
     TORCH_INTERNAL_ASSERT(
-        !ordered_ || agreed != agreed_.end(),
-        "gpipe: no agreed header for the ",
-        what);
-    if (agree_every_time_ || agreed == agreed_.end()) {
+        !ordered_ || agreed != nullptr, "gpipe: no agreed header for the ", what);
+    if (agree_every_time_ || agreed == nullptr) {
       auto received = torch::empty({kHeaderSize}, torch::kInt64);
       receive_into(received, peer, wire_tag(tag, 0), what);
       const int64_t* data = received.data_ptr<int64_t>();
@@ -338,45 +189,23 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       if (agree_every_time_) {
         last_header_ = std::move(header);
       } else {
-        agreed = agreed_.emplace(key, std::move(header)).first;
+        agreed = &headers_.agree(tag, std::move(header));
       }
     }
-    const int64_t* h =
-        agree_every_time_ ? last_header_.data() : agreed->second.data();
-    const int64_t count = h[0];
-    TORCH_CHECK(
-        count >= 0 && count <= kMaxBundle,
-        "gpipe: a corrupt header for the ",
+    const int64_t* h = agree_every_time_ ? last_header_.data() : agreed->data();
+    Bundle tensors = allocate_from_header(
+        h,
+        ordered_ ? path_.device : torch::Device(torch::kCPU),
         what,
-        " from ",
-        describe_(peer),
-        " (",
-        count,
-        " tensors)");
+        describe_(peer));
     if (tag.direction == Direction::Forward && call_ != nullptr) {
       call_->output_is_list[static_cast<size_t>(from)].store(h[1] ? 1 : 0);
     }
-    Bundle tensors(static_cast<size_t>(count));
-    size_t at = 2;
-    for (int64_t k = 0; k < count; ++k) {
-      if (h[at++] == 0) {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      auto& tensor = tensors[k];
+      if (!tensor.defined()) {
         continue;
       }
-      const auto dtype = static_cast<c10::ScalarType>(h[at++]);
-      const bool requires_grad = h[at++] != 0;
-      const int64_t dim = h[at++];
-      TORCH_CHECK(
-          dim >= 0 && at + static_cast<size_t>(dim) <= kHeaderSize,
-          "gpipe: a corrupt header for the ",
-          what,
-          " from ",
-          describe_(peer));
-      std::vector<int64_t> sizes(h + at, h + at + dim);
-      at += static_cast<size_t>(dim);
-      auto tensor = torch::empty(
-          sizes,
-          torch::TensorOptions().dtype(dtype).device(
-              ordered_ ? path_.device : torch::Device(torch::kCPU)));
       if (ordered_) {
         queue_.push_back(
             {tensor,
@@ -385,12 +214,8 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
              false,
              what});
       } else {
-        receive_into(tensor, peer, wire_tag(tag, k + 1), what);
+        receive_into(tensor, peer, wire_tag(tag, static_cast<int64_t>(k + 1)), what);
       }
-      if (requires_grad) {
-        tensor.requires_grad_(true);
-      }
-      tensors[static_cast<size_t>(k)] = std::move(tensor);
     }
     gpipe::detail::check_received(tag, tensors, expected);
     return tensors;
@@ -525,37 +350,6 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   }
 
  private:
-  static constexpr size_t kSignaturesKept = 16;
-  using Key = std::array<int64_t, 5>; // signature, then the tag
-
-  Key key_of(const Tag& tag) const {
-    return {
-        signature_,
-        tag.stage,
-        tag.microbatch,
-        tag.direction == Direction::Forward ? 0 : 1,
-        tag.channel};
-  }
-
-  /// "[2, 5] Double, undefined" for a message.
-  static std::string describe_header(const std::vector<int64_t>& h) {
-    std::ostringstream text;
-    size_t at = 2;
-    for (int64_t k = 0; k < h[0]; ++k) {
-      text << (k == 0 ? "" : ", ");
-      if (h[at++] == 0) {
-        text << "undefined";
-        continue;
-      }
-      const auto dtype = static_cast<c10::ScalarType>(h[at++]);
-      ++at; // requires_grad
-      const auto dim = static_cast<size_t>(h[at++]);
-      text << c10::IntArrayRef(h.data() + at, dim) << " " << dtype;
-      at += dim;
-    }
-    return text.str();
-  }
-
   struct Queued {
     torch::Tensor tensor;
     int64_t peer; // the World's rank, for messages
@@ -646,61 +440,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   OrderedPath path_;
   bool ordered_ = false; // this step
   std::vector<Queued> queue_; // by order, not yet issued
-  std::vector<int64_t> completed_; // signatures whose shapes are agreed
+  AgreedHeaders headers_;
   gpipe::detail::PipeCall* call_ = nullptr;
-  int64_t signature_ = 0;
   bool agree_every_time_ = false;
-  std::vector<int64_t> signatures_; // oldest first
-  std::map<Key, std::vector<int64_t>> agreed_; // headers, per link and step
   std::vector<int64_t> last_header_; // when agreeing every time
   std::mutex mutex_;
   std::vector<Pending> sends_;
   c10::intrusive_ptr<c10d::Work> waiting_;
   bool aborted_ = false;
-};
-
-/// Polls the FailureBoard while a step runs and aborts the transport once
-/// another rank posted a failure (Note [A failed rank stops every rank]).
-class Watchdog {
- public:
-  Watchdog(FailureBoard& board, ProcessGroupTransport& transport)
-      : thread_([this, &board, &transport] {
-          std::unique_lock<std::mutex> lock(mutex_);
-          while (!stop_) {
-            if (stopped_.wait_for(lock, std::chrono::milliseconds(50), [&] {
-                  return stop_;
-                })) {
-              break;
-            }
-            lock.unlock();
-            const bool failed = board.find().has_value();
-            if (failed) {
-              transport.abort();
-            }
-            lock.lock();
-            if (failed) {
-              break;
-            }
-          }
-        }) {}
-
-  ~Watchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    stopped_.notify_all();
-    thread_.join();
-  }
-
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-
- private:
-  std::mutex mutex_;
-  std::condition_variable stopped_;
-  bool stop_ = false;
-  std::thread thread_; // last: starts once the members above exist
 };
 
 } // namespace gpipe::distributed::detail

@@ -45,7 +45,8 @@
 #include <utility>
 #include <vector>
 
-namespace gpipe::detail {
+namespace gpipe {
+namespace detail {
 
 /// Where a communication action's message goes: (receiving stage,
 /// micro-batch, 0 for an activation and 1 for a gradient).
@@ -72,15 +73,17 @@ inline bool is_send(Op op) {
   return op == Op::SEND_F || op == Op::SEND_B;
 }
 
+} // namespace detail
+
 /// The program `lower` made, with its receives placed by time (Note
 /// [Messages matched by order]). Computations and sends keep their places.
 inline Program lower_for_ordered_messages(const Program& lowered) {
   const Simulation run = simulate(lowered);
-  std::map<MessageAddress, double> leaves_at;
+  std::map<detail::MessageAddress, double> leaves_at;
   for (const auto& lane : run.lanes) {
     for (const auto& timed : lane) {
-      if (is_send(timed.action.op)) {
-        leaves_at[message_address(timed.action)] = timed.start;
+      if (detail::is_send(timed.action.op)) {
+        leaves_at[detail::message_address(timed.action)] = timed.start;
       }
     }
   }
@@ -89,21 +92,21 @@ inline Program lower_for_ordered_messages(const Program& lowered) {
     const auto& timed = run.lanes[l];
     std::vector<std::pair<double, Action>> receives;
     for (const auto& t : timed) {
-      if (!is_compute(t.action.op) && !is_send(t.action.op)) {
+      if (!is_compute(t.action.op) && !detail::is_send(t.action.op)) {
         receives.emplace_back(
-            leaves_at.at(message_address(t.action)), t.action);
+            leaves_at.at(detail::message_address(t.action)), t.action);
       }
     }
     std::sort(
         receives.begin(), receives.end(), [](const auto& a, const auto& b) {
-          return std::make_pair(a.first, message_address(a.second)) <
-              std::make_pair(b.first, message_address(b.second));
+          return std::make_pair(a.first, detail::message_address(a.second)) <
+              std::make_pair(b.first, detail::message_address(b.second));
         });
     auto& lane = placed.lanes[l];
     lane.clear();
     size_t next = 0;
     for (const auto& t : timed) {
-      if (is_send(t.action.op)) {
+      if (detail::is_send(t.action.op)) {
         lane.push_back(t.action);
       } else if (is_compute(t.action.op)) {
         while (next < receives.size() && receives[next].first <= t.start) {
@@ -135,8 +138,8 @@ inline void check_ordered_messages(const Program& program) {
       if (is_compute(action.op)) {
         continue;
       }
-      const auto [to_stage, i, backward] = message_address(action);
-      if (is_send(action.op)) {
+      const auto [to_stage, i, backward] = detail::message_address(action);
+      if (detail::is_send(action.op)) {
         sent[{l, lane_of_stage(to_stage)}].push_back(action);
       } else {
         const int64_t from_stage = backward ? to_stage + 1 : to_stage - 1;
@@ -148,7 +151,7 @@ inline void check_ordered_messages(const Program& program) {
     const auto& receives = received[link];
     for (size_t k = 0; k < std::min(sends.size(), receives.size()); ++k) {
       TORCH_CHECK(
-          message_address(sends[k]) == message_address(receives[k]),
+          detail::message_address(sends[k]) == detail::message_address(receives[k]),
           "gpipe: this program cannot run with messages matched by order ",
           "(NCCL): message ",
           k,
@@ -168,7 +171,7 @@ inline void check_ordered_messages(const Program& program) {
   std::vector<size_t> at(static_cast<size_t>(lanes), 0); // next action
   std::vector<bool> holding(static_cast<size_t>(lanes), false);
   // Per message, bit 0: its send was issued; bit 1: its receive.
-  std::map<MessageAddress, int> issued;
+  std::map<detail::MessageAddress, int> issued;
   auto batch_end = [&](const std::vector<Action>& lane, size_t k) {
     while (k < lane.size() && !is_compute(lane[k].op)) {
       ++k;
@@ -191,13 +194,13 @@ inline void check_ordered_messages(const Program& program) {
         if (!holding[static_cast<size_t>(l)]) {
           holding[static_cast<size_t>(l)] = true;
           for (size_t a = k; a < end; ++a) {
-            issued[message_address(lane[a])] |= is_send(lane[a].op) ? 1 : 2;
+            issued[detail::message_address(lane[a])] |= detail::is_send(lane[a].op) ? 1 : 2;
           }
           moved = true;
         }
         bool met = true;
         for (size_t a = k; a < end && met; ++a) {
-          met = issued[message_address(lane[a])] == 3;
+          met = issued[detail::message_address(lane[a])] == 3;
         }
         if (!met) {
           break;
@@ -225,4 +228,4 @@ inline void check_ordered_messages(const Program& program) {
       ")");
 }
 
-} // namespace gpipe::detail
+} // namespace gpipe

@@ -1,0 +1,96 @@
+// Options of a pipe across processes, in LibTorch's style (a required stage
+// count, the rest chainable TORCH_ARGs), and the Backend that carries its
+// tensors. Every rank passes the same ones; the pipe checks that.
+#pragma once
+
+#include <gpipe/options.h>
+#include <gpipe/schedule.h>
+
+#include <c10/util/StringUtil.h>
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <ostream>
+#include <vector>
+
+namespace gpipe::distributed {
+
+/// What carries a pipe's tensors between ranks.
+enum class Backend {
+  /// NCCL for a CUDA device where this build has NCCL, else Gloo.
+  Auto,
+  /// Gloo, staging CUDA tensors through the CPU (also how ranks that
+  /// share one GPU talk: NCCL refuses that).
+  Gloo,
+  /// NCCL, between CUDA devices: one GPU per rank (Note [Ordered steps]).
+  Nccl,
+};
+
+inline const char* to_string(Backend backend) {
+  switch (backend) {
+    case Backend::Auto:
+      return "auto";
+    case Backend::Gloo:
+      return "gloo";
+    case Backend::Nccl:
+      return "nccl";
+  }
+  return "unknown";
+}
+
+inline std::ostream& operator<<(std::ostream& stream, Backend backend) {
+  return stream << to_string(backend);
+}
+
+/// Options of a distributed pipe; every rank passes the same ones (checked
+/// at construction).
+struct DistributedOptions {
+  /// `stages` ranks per pipeline; the World's size must be a multiple:
+  /// replicas = world size / stages.
+  /* implicit */ DistributedOptions(int64_t stages) : stages_(stages) {}
+
+  TORCH_ARG(int64_t, stages);
+  /// Stages each rank runs (Note [Interleaved stages across ranks]).
+  TORCH_ARG(int64_t, stages_per_rank) = 1;
+  /// Micro-batches per step (fewer when a batch is smaller).
+  TORCH_ARG(int64_t, microbatches) = 1;
+  TORCH_ARG(Schedule, schedule) = Schedule::FillDrain;
+  TORCH_ARG(Checkpoint, checkpoint) = Checkpoint::ExceptLast;
+  TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
+  /// Layers per (virtual) stage, when built from a whole Sequential; empty:
+  /// as even as the layer count allows.
+  TORCH_ARG(std::vector<int64_t>, balance) = {};
+  /// Send every bundle's shapes with it, for a model whose activation
+  /// shapes change while the input's do not (Note [Shapes are agreed once
+  /// per batch shape]); costs a message per bundle.
+  TORCH_ARG(bool, agree_shapes_every_step) = false;
+  /// Where this rank's stages run; a CUDA device without an index is
+  /// cuda:LOCAL_RANK.
+  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// What carries tensors between ranks.
+  TORCH_ARG(Backend, backend) = Backend::Auto;
+  /// Gloo on CPUs only: once a batch shape's shapes are agreed, match
+  /// messages by order in coalesced batches, with the program and the
+  /// waits NCCL gets (Note [Messages matched by order]), to run on CPUs
+  /// what NCCL would run. NCCL always does.
+  TORCH_ARG(bool, match_by_order) = false;
+};
+
+inline std::ostream& operator<<(
+    std::ostream& stream,
+    const DistributedOptions& options) {
+  return stream << "stages=" << options.stages()
+                << ", stages_per_rank=" << options.stages_per_rank()
+                << ", microbatches=" << options.microbatches()
+                << ", schedule=" << options.schedule()
+                << ", checkpoint=" << options.checkpoint()
+                << ", loss_reduction=" << to_string(options.loss_reduction())
+                << ", balance=[" << c10::Join(", ", options.balance()) << "]"
+                << ", agree_shapes_every_step="
+                << options.agree_shapes_every_step()
+                << ", backend=" << options.backend()
+                << ", match_by_order=" << options.match_by_order();
+}
+
+} // namespace gpipe::distributed

@@ -1,0 +1,166 @@
+// Where each stage of a pipe across processes runs: the World's ranks form
+// `replicas` pipelines of `stages` ranks (rank = replica * stages +
+// position), rank position p runs stages p, p + stages, ... (Note
+// [Interleaved stages across ranks]), on the device and over the backend
+// its options name. Checked and fixed when the pipe is built.
+#pragma once
+
+#include <gpipe/detail/microbatch.h>
+#include <gpipe/detail/skip_layout.h>
+#include <gpipe/distributed/options.h>
+#include <gpipe/distributed/transport.h>
+#include <gpipe/distributed/world.h>
+
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace gpipe::distributed::detail {
+
+/// This rank's place in the pipe.
+struct RankPlacement {
+  int64_t stages = 1; // ranks per pipeline
+  int64_t stages_per_rank = 1;
+  int64_t stages_total = 0; // stages * stages_per_rank
+  int64_t replicas = 1;
+  int64_t replica = 0;
+  int64_t position = 0;
+  std::vector<int64_t> my_stages; // ascending
+  std::vector<int64_t> rank_of_stage; // in this rank's pipeline
+  bool nccl = false;
+
+  /// "rank 3 (stage 1)", "rank 1 (stages 1 3)".
+  std::string describe(int64_t rank) const {
+    const int64_t position = rank % stages;
+    std::ostringstream text;
+    text << "rank " << rank << " (stage";
+    if (stages_per_rank > 1) {
+      text << "s";
+      for (int64_t s = position; s < stages_total; s += stages) {
+        text << " " << s;
+      }
+    } else {
+      text << " " << position;
+    }
+    text << ")";
+    return text.str();
+  }
+};
+
+/// Places this rank of `world` as `options` say; resolves a CUDA device
+/// without an index to cuda:LOCAL_RANK.
+inline RankPlacement place_on_ranks(
+    const World& world,
+    DistributedOptions& options) {
+  RankPlacement placement;
+  const int64_t stages = options.stages();
+  TORCH_CHECK(stages >= 1, "gpipe: stages must be at least 1, got ", stages);
+  TORCH_CHECK(
+      world.size() % stages == 0,
+      "gpipe: the world size ",
+      world.size(),
+      " is not replicas x stages: ",
+      stages,
+      " stages do not divide ",
+      world.size(),
+      " ranks");
+  TORCH_CHECK(
+      options.stages_per_rank() >= 1,
+      "gpipe: stages_per_rank must be at least 1, got ",
+      options.stages_per_rank());
+  gpipe::detail::check_microbatches(options.microbatches());
+  placement.stages_total = stages * options.stages_per_rank();
+  TORCH_CHECK(
+      placement.stages_total <= detail::kMaxStages,
+      "gpipe: at most ",
+      detail::kMaxStages,
+      " stages across processes, got ",
+      placement.stages_total);
+  TORCH_CHECK(
+      options.microbatches() <= detail::kMaxMicrobatches,
+      "gpipe: at most ",
+      detail::kMaxMicrobatches,
+      " micro-batches across processes, got ",
+      options.microbatches());
+  if (options.device().is_cuda() && !options.device().has_index()) {
+    options.device(torch::Device(
+        torch::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank())));
+  }
+  if (options.device().is_cuda()) {
+    const int64_t visible = static_cast<int64_t>(torch::cuda::device_count());
+    TORCH_CHECK(
+        options.device().index() < visible,
+        "gpipe: rank ",
+        world.rank(),
+        " is to run on ",
+        options.device(),
+        " but sees ",
+        visible,
+        " CUDA devices (a CUDA device without an index is ",
+        "cuda:LOCAL_RANK, here ",
+        world.local_rank(),
+        ")");
+  }
+  const auto backend = options.backend();
+  TORCH_CHECK(
+      backend == Backend::Auto || backend == Backend::Gloo ||
+          backend == Backend::Nccl,
+      "gpipe: backend is not a Backend (value: ",
+      static_cast<int>(backend),
+      "); use Backend::Auto, Backend::Gloo or Backend::Nccl");
+  TORCH_CHECK(
+      backend != Backend::Nccl || options.device().is_cuda(),
+      "gpipe: Backend::Nccl needs a CUDA device, got ",
+      options.device());
+  placement.nccl = backend == Backend::Nccl ||
+      (backend == Backend::Auto && options.device().is_cuda() &&
+       GPIPE_HAS_NCCL);
+  TORCH_CHECK(
+      !options.match_by_order() ||
+          (!placement.nccl && options.device().type() == torch::kCPU),
+      "gpipe: match_by_order is for Gloo on CPUs (NCCL always matches by ",
+      "order); got backend ",
+      backend,
+      " on ",
+      options.device());
+  placement.replicas = world.size() / stages;
+  placement.replica = world.rank() / stages;
+  placement.position = world.rank() % stages;
+  for (int64_t s = placement.position; s < placement.stages_total;
+       s += stages) {
+    placement.my_stages.push_back(s);
+  }
+  for (int64_t s = 0; s < placement.stages_total; ++s) {
+    placement.rank_of_stage.push_back(
+        placement.replica * stages + s % stages);
+  }
+  placement.stages = stages;
+  placement.stages_per_rank = options.stages_per_rank();
+  return placement;
+}
+
+/// Across processes a skip stays within one stage.
+inline void reject_skips_across_stages(
+    const gpipe::detail::SkipLayout& skips) {
+  if (skips.empty()) {
+    return;
+  }
+  const auto& route = skips.routes.front();
+  TORCH_CHECK(
+      false,
+      "gpipe: skip '",
+      route.name,
+      "' crosses from stage ",
+      route.from,
+      " to stage ",
+      route.to,
+      "; across processes a skip must stay within one stage (choose the ",
+      "balance so that its stash and pop share a stage)");
+}
+
+} // namespace gpipe::distributed::detail

@@ -1,0 +1,145 @@
+// The replicas of one stage in a pipe across processes: after the drain,
+// their gradients (and the step's loss) are summed so that every replica
+// holds plain training's gradient of the global batch.
+//
+// Note [Replicas average to the global batch]
+// Under Reduction::Mean replica r computes the gradient of its own batch's
+// mean, g_r, over n_r samples; plain training of the global batch of
+// N = sum n_r samples has gradient sum_r (n_r / N) g_r. So each rank scales
+// by n_r, the replicas sum, and every rank divides by N, which is summed
+// alongside. Under Reduction::Sum the gradients add. Only this step's
+// gradient is summed: `.grad` accumulated by earlier steps is set aside
+// during the step and added back after.
+#pragma once
+
+#include <gpipe/distributed/transport.h>
+#include <gpipe/distributed/world.h>
+#include <gpipe/options.h>
+
+#include <c10/util/Exception.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gpipe::distributed::detail {
+
+class ReplicaGroup {
+ public:
+  /// `group` holds this stage's replicas; sums run on `on` (the device for
+  /// NCCL, else the CPU); `who` names this rank in errors.
+  ReplicaGroup(
+      c10::intrusive_ptr<c10d::Backend> group,
+      std::shared_ptr<World> world,
+      FailureBoard& board,
+      torch::Device on,
+      std::string who)
+      : group_(std::move(group)),
+        world_(std::move(world)),
+        board_(board),
+        on_(on),
+        who_(std::move(who)) {}
+
+  /// Note [Replicas average to the global batch].
+  torch::Tensor reduce(
+      const std::vector<torch::Tensor>& parameters,
+      std::vector<torch::Tensor>& earlier,
+      int64_t batch,
+      const torch::Tensor& loss,
+      Reduction reduction) {
+    torch::NoGradGuard no_grad;
+    const bool mean = reduction == Reduction::Mean;
+    const double weight = mean ? static_cast<double>(batch) : 1.0;
+    // [N, loss * weight, then per parameter: whether it has a gradient].
+    auto meta = torch::zeros(
+        {2 + static_cast<int64_t>(parameters.size())}, torch::kFloat64);
+    meta[0] = static_cast<double>(batch);
+    meta[1] = loss.item<double>() * weight;
+    std::map<c10::ScalarType, std::vector<size_t>> by_dtype;
+    for (size_t k = 0; k < parameters.size(); ++k) {
+      if (parameters[k].grad().defined()) {
+        meta[2 + static_cast<int64_t>(k)] = 1.0;
+      }
+      by_dtype[parameters[k].scalar_type()].push_back(k);
+    }
+    meta = meta.to(on_);
+    allreduce(meta, "the batch sizes and losses");
+    meta = meta.to(torch::kCPU);
+    const double total = meta[0].item<double>();
+    for (const auto& [dtype, slots] : by_dtype) {
+      std::vector<torch::Tensor> flat;
+      for (const size_t k : slots) {
+        const auto& grad = parameters[k].grad();
+        flat.push_back(
+            grad.defined()
+                ? grad.reshape({-1}).to(on_)
+                : torch::zeros(
+                      {parameters[k].numel()},
+                      torch::TensorOptions().dtype(dtype).device(on_)));
+      }
+      auto bucket = torch::cat(flat);
+      if (mean) {
+        bucket.mul_(weight);
+      }
+      allreduce(bucket, "the gradients");
+      if (mean) {
+        bucket.div_(total);
+      }
+      int64_t at = 0;
+      for (const size_t k : slots) {
+        const auto& parameter = parameters[k];
+        const int64_t numel = parameter.numel();
+        auto grad = bucket.narrow(0, at, numel)
+                        .view(parameter.sizes())
+                        .to(parameter.device());
+        at += numel;
+        const bool any = meta[2 + static_cast<int64_t>(k)].item<double>() > 0;
+        auto& previous = earlier[k];
+        auto& slot = parameter.mutable_grad();
+        if (previous.defined()) {
+          if (any) {
+            previous.add_(grad);
+          }
+          slot = previous;
+        } else {
+          slot = any ? grad.clone() : torch::Tensor();
+        }
+      }
+    }
+    auto global = torch::empty({1}, torch::kFloat64);
+    global[0] = mean ? meta[1].item<double>() / total : meta[1].item<double>();
+    return global;
+  }
+
+ private:
+  void allreduce(torch::Tensor& tensor, const char* what) {
+    std::vector<torch::Tensor> tensors{tensor};
+    c10d::AllreduceOptions reduce;
+    reduce.reduceOp = c10d::ReduceOp::SUM;
+    reduce.timeout = world_->timeout();
+    try {
+      group_->allreduce(tensors, reduce)->wait();
+    } catch (const std::exception& e) {
+      const auto posted = board_.find_within(std::chrono::milliseconds(1000));
+      TORCH_CHECK(
+          false,
+          "gpipe: ",
+          posted ? *posted
+                 : "a replica of " + who_ +
+                  " failed, exited or timed out while summing " + what +
+                  " across replicas (" + e.what() + ")");
+    }
+  }
+
+  c10::intrusive_ptr<c10d::Backend> group_;
+  std::shared_ptr<World> world_;
+  FailureBoard& board_;
+  torch::Device on_;
+  std::string who_;
+};
+
+} // namespace gpipe::distributed::detail

@@ -1,0 +1,64 @@
+// What the first stage of a pipe across processes tells the rest of its
+// pipeline before a step: the batch, the micro-batch count, whether the
+// input is a list, and the step's signature (Note [Shapes are agreed once
+// per batch shape]), as one int64 message.
+#pragma once
+
+#include <gpipe/detail/bundle.h>
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <sstream>
+#include <string>
+
+namespace gpipe::distributed::detail {
+
+struct StepHeader {
+  int64_t batch = 0;
+  int64_t microbatches = 0;
+  bool input_is_list = false;
+  /// Equal for two steps whose inputs have the same dtypes, shapes and
+  /// requires_grad, cut alike.
+  int64_t signature = 0;
+
+  /// The header of a step whose `input` is cut into `microbatches`.
+  static StepHeader of(
+      const gpipe::detail::Bundle& input,
+      size_t microbatches,
+      bool is_list) {
+    StepHeader header;
+    header.batch = input.front().size(0);
+    header.microbatches = static_cast<int64_t>(microbatches);
+    header.input_is_list = is_list;
+    std::ostringstream signature;
+    signature << header.batch << " " << microbatches << " " << is_list;
+    for (const auto& tensor : input) {
+      signature << " " << tensor.scalar_type() << tensor.sizes()
+                << tensor.requires_grad();
+    }
+    header.signature =
+        static_cast<int64_t>(std::hash<std::string>{}(signature.str()));
+    return header;
+  }
+
+  /// [batch, micro-batches, input is a list, signature].
+  torch::Tensor message() const {
+    return torch::tensor(
+        {batch, microbatches, static_cast<int64_t>(input_is_list), signature},
+        torch::kInt64);
+  }
+
+  static StepHeader from(const torch::Tensor& message) {
+    const auto* values = message.data_ptr<int64_t>();
+    StepHeader header;
+    header.batch = values[0];
+    header.microbatches = values[1];
+    header.input_is_list = values[2] == 1;
+    header.signature = values[3];
+    return header;
+  }
+};
+
+} // namespace gpipe::distributed::detail
