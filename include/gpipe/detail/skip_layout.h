@@ -60,46 +60,49 @@ inline std::vector<std::string> skip_errors(
     const std::string& name,
     const SkipEnds& ends) {
   std::vector<std::string> errors;
-  const std::string skip = "skip '" + name + "'";
-  if (ends.stashed_by.empty()) {
+  // "skip 'a' is popped by layer 3" or "... by layers 2, 3", then `why`.
+  const auto add = [&](const char* verb,
+                       const std::vector<int64_t>& layers,
+                       const std::string& why) {
     errors.push_back(c10::str(
-        skip,
-        " is popped by layer ",
-        ends.popped_by.front(),
-        " but never stashed (check the names and namespaces: ",
-        "gpipe::skip::isolate)"));
+        "skip '",
+        name,
+        "' is ",
+        verb,
+        layers.size() == 1 ? " by layer " : " by layers ",
+        c10::Join(", ", layers),
+        why));
+  };
+  const auto& stashes = ends.stashed_by;
+  const auto& pops = ends.popped_by;
+  if (stashes.empty()) {
+    add("popped",
+        {pops.front()},
+        " but never stashed (check the names and namespaces: "
+        "gpipe::skip::isolate)");
   }
-  if (ends.popped_by.empty()) {
-    errors.push_back(c10::str(
-        skip,
-        " is stashed by layer ",
-        ends.stashed_by.front(),
-        " but never popped; a stashed tensor nobody pops would be kept ",
-        "for nothing"));
+  if (pops.empty()) {
+    add("stashed",
+        {stashes.front()},
+        " but never popped; a stashed tensor nobody pops would be kept for "
+        "nothing");
   }
-  if (ends.stashed_by.size() > 1) {
-    errors.push_back(c10::str(
-        skip,
-        " is stashed by layers ",
-        c10::Join(", ", ends.stashed_by),
-        "; a name is stashed by one layer (put repeated blocks in ",
-        "namespaces with gpipe::skip::isolate)"));
+  if (stashes.size() > 1) {
+    add("stashed",
+        stashes,
+        "; a name is stashed by one layer (put repeated blocks in namespaces "
+        "with gpipe::skip::isolate)");
   }
-  if (ends.popped_by.size() > 1) {
-    errors.push_back(c10::str(
-        skip,
-        " is popped by layers ",
-        c10::Join(", ", ends.popped_by),
-        "; a name is popped by one layer (stash under several names to ",
-        "hand one tensor to several layers)"));
+  if (pops.size() > 1) {
+    add("popped",
+        pops,
+        "; a name is popped by one layer (stash under several names to hand "
+        "one tensor to several layers)");
   }
-  if (errors.empty() && ends.popped_by.front() < ends.stashed_by.front()) {
-    errors.push_back(c10::str(
-        skip,
-        " is popped by layer ",
-        ends.popped_by.front(),
-        " before it is stashed by layer ",
-        ends.stashed_by.front()));
+  if (errors.empty() && pops.front() < stashes.front()) {
+    add("popped",
+        {pops.front()},
+        c10::str(" before it is stashed by layer ", stashes.front()));
   }
   return errors;
 }
