@@ -790,7 +790,38 @@ TEST(Balance, BadInputsFailWithMessagesNamingTheValues) {
       error_of([&] {
         gpipe::balance_report({1, 2, 3}, {1, 1});
       }),
-      "gpipe: balance does not sum to the number of layers (sum of balance: 2, layers: 3)");
+      "gpipe: balance does not sum to the number of layers (sum of balance: 2, layers: 3)\n"
+      "choose a balance from measured costs with <gpipe/balance.h> "
+      "(gpipe::balance_by_time, gpipe::balance_by_memory)");
+}
+
+TEST(Balance, ABalanceThatDoesNotFitTheSequentialPointsToAutomaticBalancing) {
+  const std::string hint =
+      "\nchoose a balance from measured costs with <gpipe/balance.h> "
+      "(gpipe::balance_by_time, gpipe::balance_by_memory)";
+  const auto make_pipe = [](std::vector<int64_t> balance) {
+    const auto partitions = static_cast<int64_t>(balance.size());
+    GPipe<torch::nn::Sequential> pipe(
+        gpipe_test::make_mlp(2, 4),
+        GPipeOptions(partitions == 3 ? 2 : partitions).balance(balance));
+  };
+  EXPECT_EQ(
+      error_of([&] {
+        make_pipe({1, 2});
+      }),
+      "gpipe: balance does not sum to the number of layers (sum of balance: 3, layers: 4)" +
+          hint);
+  EXPECT_EQ(
+      error_of([&] {
+        make_pipe({1, 1, 2});
+      }),
+      "gpipe: balance and partitions have different lengths (balance: 3, partitions: 2)" +
+          hint);
+  EXPECT_EQ(
+      error_of([&] {
+        make_pipe({4, 0});
+      }),
+      "gpipe: every partition needs at least one layer (balance[1]: 0)" + hint);
 }
 
 TEST(Balance, ParametersOnAnotherDeviceThanTheSampleAreRejected_CUDA) {

@@ -385,6 +385,97 @@ TEST(Skip, APopInALayerBeforeItsStashIsRefusedAtConstruction) {
   EXPECT_NE(message.find("before"), std::string::npos) << message;
 }
 
+TEST(Skip, ALayoutWithSeveralErrorsReportsThemAllInOneMessage) {
+  // torchgpipe's test_double_stash_pop: stashed twice and popped twice.
+  const auto twice = layout_error(torch::nn::Sequential(
+      Stash(std::vector<std::string>{"a"}),
+      Stash(std::vector<std::string>{"a"}),
+      Pop("a"),
+      Pop("a")));
+  EXPECT_EQ(twice.rfind("gpipe: the skip layout has 2 errors:", 0), 0u)
+      << twice;
+  EXPECT_NE(twice.find("'a' is stashed by layers 0, 1"), std::string::npos)
+      << twice;
+  EXPECT_NE(twice.find("'a' is popped by layers 2, 3"), std::string::npos)
+      << twice;
+  // Errors of different names, in the order of their layers.
+  const auto names = layout_error(torch::nn::Sequential(
+      Stash(std::vector<std::string>{"a"}), Pop("b"), Pop("c")));
+  EXPECT_EQ(names.rfind("gpipe: the skip layout has 3 errors:", 0), 0u)
+      << names;
+  const auto a =
+      names.find("(1) skip 'a' is stashed by layer 0 but never popped");
+  const auto b =
+      names.find("(2) skip 'b' is popped by layer 1 but never stashed");
+  const auto c =
+      names.find("(3) skip 'c' is popped by layer 2 but never stashed");
+  EXPECT_NE(a, std::string::npos) << names;
+  EXPECT_NE(b, std::string::npos) << names;
+  EXPECT_NE(c, std::string::npos) << names;
+}
+
+namespace {
+
+/// Declares its stashes and pops and does none of them.
+struct IdleImpl : torch::nn::Module, gpipe::skip::Skippable {
+  IdleImpl(std::vector<std::string> stashes, std::vector<std::string> pops)
+      : Skippable(std::move(stashes), std::move(pops)) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return x * 2;
+  }
+};
+TORCH_MODULE(Idle);
+
+} // namespace
+
+TEST(Skip, OutsideAPipeAPopWhoseDeclaredStashDidNotHappenIsAnError) {
+  // torchgpipe's test_declare_but_not_use, stash half: the plain Sequential
+  // reports what the pipe does.
+  const auto x = torch::randn({4, kWidth});
+  torch::nn::Sequential seq(
+      Idle(std::vector<std::string>{"a"}, std::vector<std::string>{}),
+      Pop("a"));
+  const auto plain = error_of([&] { seq->forward(x); });
+  EXPECT_EQ(
+      plain,
+      "gpipe: skip 'a' was popped before it was stashed outside a pipe: the "
+      "layer that declares its stash did not stash it, or it was popped twice");
+  Pipe pipe(seq, GPipeOptions(1));
+  const auto piped = error_of([&] { pipe->forward(x); });
+  EXPECT_NE(
+      piped.find("'a' was popped before it was stashed in partition 0"),
+      std::string::npos)
+      << piped;
+}
+
+TEST(
+    Skip,
+    OutsideAPipeAStashWhoseDeclaredPopDidNotHappenIsAnErrorAtTheNextForward) {
+  // torchgpipe's test_declare_but_not_use, pop half. LibTorch has no hook
+  // around a module's forward, so the store sees the missed pop when the
+  // name is stashed again (Note [Skips outside a pipe]).
+  const auto x = torch::randn({4, kWidth});
+  torch::nn::Sequential seq(
+      Stash(std::vector<std::string>{"a"}),
+      Idle(std::vector<std::string>{}, std::vector<std::string>{"a"}));
+  seq->forward(x);
+  EXPECT_EQ(
+      error_of([&] { seq->forward(x); }),
+      "gpipe: skip 'a' was stashed again outside a pipe before its last stash "
+      "was popped: the layer that declares its pop did not pop it, or a "
+      "forward stopped between the stash and the pop (a skip is stashed once "
+      "and popped once per forward, as in a pipe)");
+  // The error released the stale tensor: the store is empty again, so a
+  // model that pops trains on this thread as before.
+  auto good = make_fan_out();
+  EXPECT_NO_THROW(good->forward(x));
+  Pipe pipe(seq, GPipeOptions(2));
+  const auto piped = error_of([&] { pipe->forward(x); });
+  EXPECT_NE(
+      piped.find("skip 'a' was not popped in partition 1"), std::string::npos)
+      << piped;
+}
+
 namespace {
 
 /// Declares that it stashes "a", then stashes "b".

@@ -196,6 +196,24 @@ inline c10::DeviceIndex index_of(const torch::Device& device) {
   return device.has_index() ? device.index() : 0;
 }
 
+/// Where LibTorch keeps statistics for CUDA devices only: fails for another.
+inline void check_statistics_device(const torch::Device& device) {
+  TORCH_CHECK(
+      device.is_cuda(),
+      "gpipe: memory statistics need a CPU or CUDA device (device: ",
+      device,
+      ")");
+}
+
+/// Where this LibTorch keeps no device statistics at all.
+[[noreturn]] inline void no_device_statistics(const torch::Device& device) {
+  TORCH_CHECK(
+      false,
+      "gpipe: this LibTorch has no device memory statistics (device: ",
+      device,
+      ")");
+}
+
 } // namespace detail
 
 /// Starts counting CPU allocations now, for the rest of the process, by
@@ -225,20 +243,12 @@ inline MemoryStats memory_stats(const torch::Device& device) {
       c10::CachingAllocator::StatType::AGGREGATE)];
   return {bytes.current, bytes.peak};
 #elif defined(GPIPE_CUDA_ALLOCATOR_STATS)
-  TORCH_CHECK(
-      device.is_cuda(),
-      "gpipe: memory statistics need a CPU or CUDA device (device: ",
-      device,
-      ")");
+  detail::check_statistics_device(device);
   const auto stats =
       c10::cuda::CUDACachingAllocator::getDeviceStats(detail::index_of(device));
   return {stats.allocated_bytes[0].current, stats.allocated_bytes[0].peak};
 #else
-  TORCH_CHECK(
-      false,
-      "gpipe: this LibTorch has no device memory statistics (device: ",
-      device,
-      ")");
+  detail::no_device_statistics(device);
 #endif
 }
 
@@ -254,18 +264,10 @@ inline void reset_peak_memory(const torch::Device& device) {
 #if defined(GPIPE_DEVICE_ALLOCATOR_STATS)
   detail::device_allocator(device)->resetPeakStats(detail::index_of(device));
 #elif defined(GPIPE_CUDA_ALLOCATOR_STATS)
-  TORCH_CHECK(
-      device.is_cuda(),
-      "gpipe: memory statistics need a CPU or CUDA device (device: ",
-      device,
-      ")");
+  detail::check_statistics_device(device);
   c10::cuda::CUDACachingAllocator::resetPeakStats(detail::index_of(device));
 #else
-  TORCH_CHECK(
-      false,
-      "gpipe: this LibTorch has no device memory statistics (device: ",
-      device,
-      ")");
+  detail::no_device_statistics(device);
 #endif
 }
 

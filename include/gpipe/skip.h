@@ -32,12 +32,16 @@
 // names of every skippable module in `module`'s tree into a namespace, so
 // "level2/down" and "level3/down" are two skips. Outside a pipe (the plain
 // Sequential), stash and pop work through a per-thread store, so the same
-// model trains without the pipe.
+// model trains without the pipe, and checks the pipe's rule one forward at a
+// time: a pop whose stash did not happen fails at once, a stash whose last
+// pop did not happen fails at the next forward (Note [Skips outside a pipe]).
 //
 // Under checkpointing, the recompute of a stashing partition stashes into
 // its rebuilt graph (nothing is sent twice) and a popping partition keeps
 // the popped tensor as one of its inputs, so its recompute pops it again.
 #pragma once
+
+#include <gpipe/detail/skip_frame.h>
 
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
@@ -45,102 +49,36 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace gpipe {
-namespace detail {
-
-/// The skip tensors of the cell running on this thread: the popped ones it
-/// received and the ones its layers stash (pipe.h fills and empties it).
-struct SkipFrame {
-  std::map<std::string, torch::Tensor> available;
-  /// The version of each received skip when its cell began: a pop checks
-  /// that nothing wrote into it since (Note [A skip is not written between
-  /// its stash and its pop]).
-  std::map<std::string, uint32_t> versions;
-  /// The running cell, for messages.
-  int64_t partition = 0;
-  int64_t microbatch = 0;
-
-  /// "partition 2 on micro-batch 3", built only for a message.
-  std::string where() const {
-    return "partition " + std::to_string(partition) + " on micro-batch " +
-        std::to_string(microbatch);
-  }
-};
-
-inline SkipFrame*& current_skip_frame() {
-  thread_local SkipFrame* frame = nullptr;
-  return frame;
-}
-
-/// Outside a pipe: the store stash and pop use in a plain Sequential.
-inline std::map<std::string, torch::Tensor>& plain_skip_store() {
-  thread_local std::map<std::string, torch::Tensor> store;
-  return store;
-}
-
-/// Makes `frame` the current one for the guard's lifetime.
-class SkipFrameGuard {
- public:
-  explicit SkipFrameGuard(SkipFrame* frame)
-      : before_(std::exchange(current_skip_frame(), frame)) {}
-  ~SkipFrameGuard() {
-    current_skip_frame() = before_;
-  }
-  SkipFrameGuard(const SkipFrameGuard&) = delete;
-  SkipFrameGuard& operator=(const SkipFrameGuard&) = delete;
-
- private:
-  SkipFrame* before_;
-};
-
-} // namespace detail
-
 namespace skip {
+
+/// Note [Skips outside a pipe]
+/// In a plain Sequential stash and pop go through a per-thread store
+/// (detail::plain_skip_store), which checks what a pipe checks for each
+/// micro-batch: a skip is stashed once and popped once per forward. A
+/// LibTorch module has no hook around its forward, so the store cannot see
+/// a module return without its declared stash or pop; it sees the next
+/// event instead. A pop of a name not stashed since its last pop fails at
+/// once (its stash did not happen, or it was popped twice); a stash of a
+/// name still in the store fails, releasing the stale tensor, at the next
+/// forward (its pop did not happen, or a forward stopped by an error between
+/// them). A pipe reports both within the forward, per partition.
 
 /// The base of a module that stashes or pops skip tensors: it declares the
 /// names, and `stash`/`pop` (called in its forward) use them.
-class Skippable {
+class Skippable : public detail::SkipDeclarations {
  public:
   Skippable(std::vector<std::string> stashes, std::vector<std::string> pops)
-      : stashes_(std::move(stashes)), pops_(std::move(pops)) {
-    check_names(stashes_, "stashes");
-    check_names(pops_, "pops");
-  }
-  virtual ~Skippable() = default;
-  Skippable(const Skippable&) = default;
-  Skippable& operator=(const Skippable&) = default;
-
-  /// The names this module stashes and pops, unqualified.
-  const std::vector<std::string>& stashes() const {
-    return stashes_;
-  }
-  const std::vector<std::string>& pops() const {
-    return pops_;
-  }
-
-  /// Puts this module's names into namespace `ns` ("" is the global one).
-  void isolate(std::string ns) {
-    namespace_ = std::move(ns);
-  }
-  const std::string& skip_namespace() const {
-    return namespace_;
-  }
-
-  /// `name` as the pipe knows it: "ns/name", or "name" in no namespace.
-  std::string qualified(const std::string& name) const {
-    return namespace_.empty() ? name : namespace_ + "/" + name;
-  }
+      : SkipDeclarations(std::move(stashes), std::move(pops)) {}
 
   /// Hands `tensor` to the layer that pops `name` (on micro-batch of the
   /// running cell under a pipe).
   void stash(const std::string& name, torch::Tensor tensor) {
-    check_declared(name, stashes_, "stash", "stashes");
+    check_declared(name, stashes(), "stash", "stashes");
     TORCH_CHECK(
         tensor.defined(),
         "gpipe: skip '",
@@ -149,7 +87,19 @@ class Skippable {
     const std::string key = qualified(name);
     auto* frame = detail::current_skip_frame();
     if (frame == nullptr) {
-      detail::plain_skip_store()[key] = std::move(tensor);
+      auto& store = detail::plain_skip_store();
+      const auto stashed = store.emplace(key, std::move(tensor));
+      if (!stashed.second) {
+        store.erase(stashed.first);
+        TORCH_CHECK(
+            false,
+            "gpipe: skip '",
+            key,
+            "' was stashed again outside a pipe before its last stash was ",
+            "popped: the layer that declares its pop did not pop it, or a ",
+            "forward stopped between the stash and the pop (a skip is ",
+            "stashed once and popped once per forward, as in a pipe)");
+      }
       return;
     }
     const bool fresh = frame->available.emplace(key, std::move(tensor)).second;
@@ -164,7 +114,7 @@ class Skippable {
 
   /// The tensor stashed under `name` (on this micro-batch under a pipe).
   torch::Tensor pop(const std::string& name) {
-    check_declared(name, pops_, "pop", "pops");
+    check_declared(name, pops(), "pop", "pops");
     const std::string key = qualified(name);
     auto* frame = detail::current_skip_frame();
     auto& store =
@@ -175,8 +125,10 @@ class Skippable {
         "gpipe: skip '",
         key,
         "' was popped before it was stashed",
-        frame == nullptr ? std::string() : " in " + frame->where(),
-        " (or popped twice)");
+        frame == nullptr ? std::string(" outside a pipe")
+                         : " in " + frame->where(),
+        ": the layer that declares its stash did not stash it, or it was ",
+        "popped twice");
     torch::Tensor tensor = std::move(found->second);
     store.erase(found);
     if (frame != nullptr) {
@@ -196,30 +148,6 @@ class Skippable {
   }
 
  private:
-  static void check_names(
-      const std::vector<std::string>& names,
-      const char* what) {
-    for (size_t k = 0; k < names.size(); ++k) {
-      TORCH_CHECK(
-          !names[k].empty(),
-          "gpipe: a skip name is empty (",
-          what,
-          ": [",
-          c10::Join(", ", names),
-          "])");
-      TORCH_CHECK(
-          std::find(names.begin(), names.begin() + k, names[k]) ==
-              names.begin() + k,
-          "gpipe: skip '",
-          names[k],
-          "' is declared twice in ",
-          what,
-          " ([",
-          c10::Join(", ", names),
-          "])");
-    }
-  }
-
   void check_declared(
       const std::string& name,
       const std::vector<std::string>& declared,
@@ -237,10 +165,6 @@ class Skippable {
         c10::Join(", ", declared),
         "]); declare it in the Skippable constructor so the pipe can route it");
   }
-
-  std::vector<std::string> stashes_;
-  std::vector<std::string> pops_;
-  std::string namespace_;
 };
 
 /// Puts every skippable module in `module`'s tree into namespace `ns`, so

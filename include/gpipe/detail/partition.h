@@ -17,15 +17,17 @@
 
 namespace gpipe::detail {
 
-/// Layers per partition: `balance` checked against the Sequential, or an even
-/// split by count (the first `layers % partitions` partitions get one more).
-inline std::vector<int64_t> resolve_balance(
+/// Checks `partitions` against `layers`; `verb` names what the layers are for
+/// ("pipeline", "balance") in the message about an empty Sequential.
+inline void check_partition_count(
     int64_t layers,
     int64_t partitions,
-    const std::vector<int64_t>& balance) {
+    const char* verb) {
   TORCH_CHECK(
       layers >= 1,
-      "gpipe: cannot pipeline an empty Sequential (layers: ",
+      "gpipe: cannot ",
+      verb,
+      " an empty Sequential (layers: ",
       layers,
       ")");
   TORCH_CHECK(
@@ -40,6 +42,21 @@ inline std::vector<int64_t> resolve_balance(
       ", layers: ",
       layers,
       ")");
+}
+
+/// The line under an error about a balance that does not fit the Sequential:
+/// where to get one that does.
+constexpr const char* kBalanceHint =
+    "\nchoose a balance from measured costs with <gpipe/balance.h> "
+    "(gpipe::balance_by_time, gpipe::balance_by_memory)";
+
+/// Layers per partition: `balance` checked against the Sequential, or an even
+/// split by count (the first `layers % partitions` partitions get one more).
+inline std::vector<int64_t> resolve_balance(
+    int64_t layers,
+    int64_t partitions,
+    const std::vector<int64_t>& balance) {
+  check_partition_count(layers, partitions, "pipeline");
   if (balance.empty()) {
     std::vector<int64_t> even(
         static_cast<size_t>(partitions), layers / partitions);
@@ -54,7 +71,8 @@ inline std::vector<int64_t> resolve_balance(
       balance.size(),
       ", partitions: ",
       partitions,
-      ")");
+      ")",
+      kBalanceHint);
   for (size_t j = 0; j < balance.size(); ++j) {
     TORCH_CHECK(
         balance[j] >= 1,
@@ -62,7 +80,8 @@ inline std::vector<int64_t> resolve_balance(
         j,
         "]: ",
         balance[j],
-        ")");
+        ")",
+        kBalanceHint);
   }
   const int64_t sum =
       std::accumulate(balance.begin(), balance.end(), int64_t{0});
@@ -72,7 +91,8 @@ inline std::vector<int64_t> resolve_balance(
       sum,
       ", layers: ",
       layers,
-      ")");
+      ")",
+      kBalanceHint);
   return balance;
 }
 
