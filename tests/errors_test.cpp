@@ -33,7 +33,7 @@ TEST(BadInput, BalanceOfTheWrongLengthIsRejected) {
       error_of([] {
         Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 1, 2}));
       }),
-      "gpipe: balance and partitions have different lengths (balance: 3, partitions: 2)");
+      "gpipe: balance and partitions have different lengths (balance: 3, partitions: 2)\nchoose a balance from measured costs with <gpipe/balance.h> (gpipe::balance_by_time, gpipe::balance_by_memory)");
 }
 
 TEST(BadInput, BalanceWithAnEmptyPartitionIsRejected) {
@@ -41,7 +41,7 @@ TEST(BadInput, BalanceWithAnEmptyPartitionIsRejected) {
       error_of([] {
         Pipe(make_mlp(2, 2), GPipeOptions(2).balance({4, 0}));
       }),
-      "gpipe: every partition needs at least one layer (balance[1]: 0)");
+      "gpipe: every partition needs at least one layer (balance[1]: 0)\nchoose a balance from measured costs with <gpipe/balance.h> (gpipe::balance_by_time, gpipe::balance_by_memory)");
 }
 
 TEST(BadInput, BalanceThatDoesNotSumToTheLayersIsRejected) {
@@ -49,7 +49,7 @@ TEST(BadInput, BalanceThatDoesNotSumToTheLayersIsRejected) {
       error_of([] {
         Pipe(make_mlp(2, 2), GPipeOptions(2).balance({1, 2}));
       }),
-      "gpipe: balance does not sum to the number of layers (sum of balance: 3, layers: 4)");
+      "gpipe: balance does not sum to the number of layers (sum of balance: 3, layers: 4)\nchoose a balance from measured costs with <gpipe/balance.h> (gpipe::balance_by_time, gpipe::balance_by_memory)");
 }
 
 TEST(BadInput, FewerDevicesThanPartitionsIsRejected) {

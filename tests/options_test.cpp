@@ -41,7 +41,9 @@ TEST(Options, AForgedCheckpointModeSetBetweenCallsIsRejectedByTheNextCall) {
   pipe->options.checkpoint(static_cast<Checkpoint>(42));
   EXPECT_EQ(error_of([&] { pipe(x); }), kCheckpointError);
   EXPECT_EQ(
-      error_of([&] { pipe->step(x, torch::randn({4, 2}), mse); }),
+      error_of([&] {
+        pipe->step(x, torch::randn({4, 2}), mse);
+      }),
       kCheckpointError);
   // The pipe stays usable once the option is valid again.
   pipe->options.checkpoint(Checkpoint::Always);

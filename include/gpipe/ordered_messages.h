@@ -151,7 +151,8 @@ inline void check_ordered_messages(const Program& program) {
     const auto& receives = received[link];
     for (size_t k = 0; k < std::min(sends.size(), receives.size()); ++k) {
       TORCH_CHECK(
-          detail::message_address(sends[k]) == detail::message_address(receives[k]),
+          detail::message_address(sends[k]) ==
+              detail::message_address(receives[k]),
           "gpipe: this program cannot run with messages matched by order ",
           "(NCCL): message ",
           k,
@@ -194,7 +195,8 @@ inline void check_ordered_messages(const Program& program) {
         if (!holding[static_cast<size_t>(l)]) {
           holding[static_cast<size_t>(l)] = true;
           for (size_t a = k; a < end; ++a) {
-            issued[detail::message_address(lane[a])] |= detail::is_send(lane[a].op) ? 1 : 2;
+            issued[detail::message_address(lane[a])] |=
+                detail::is_send(lane[a].op) ? 1 : 2;
           }
           moved = true;
         }

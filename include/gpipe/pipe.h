@@ -86,12 +86,13 @@ class GPipeImpl : public torch::nn::Module {
     skip_channels_ = detail::skip_channels(stages_.skip_layout);
     detail::reject_modules_shared_across_devices(partitions, options.devices());
     auto placement = detail::place_on_lanes(
-        options.devices(), options.lanes(), options.concurrent_cpu_partitions());
+        options.devices(),
+        options.lanes(),
+        options.concurrent_cpu_partitions());
     for (size_t j = 0; j < partitions.size(); ++j) {
       partitions[j]->to(options.devices()[j]);
     }
-    owner_lane_ =
-        detail::owner_lanes(partitions, placement.lane_of_partition);
+    owner_lane_ = detail::owner_lanes(partitions, placement.lane_of_partition);
     lane_devices_ = std::move(placement.lane_devices);
     workers_.resize(lane_devices_.size());
     stages_.host(
@@ -339,7 +340,11 @@ class GPipeImpl : public torch::nn::Module {
     auto activations = detail::scatter_bundle(input.tensors, m);
     auto scope = call_scope(m, input);
     detail::ForwardRunner runner(
-        stages_, checkpoint_mode(), activations, scope->call, scope->needs_graph);
+        stages_,
+        checkpoint_mode(),
+        activations,
+        scope->call,
+        scope->needs_graph);
     auto outputs = execute(
         programs_.forward_program(stages_.stage_count(), m, lane_of_stage()),
         runner);

@@ -578,8 +578,7 @@ TEST(
           } catch (const c10::Error&) {
             continue; // a placement this schedule does not take
           }
-          const auto placed =
-              gpipe::lower_for_ordered_messages(program);
+          const auto placed = gpipe::lower_for_ordered_messages(program);
           EXPECT_NO_THROW({
             gpipe::simulate(placed);
             gpipe::check_ordered_messages(placed);
@@ -602,8 +601,7 @@ TEST(
   const auto mismatched =
       gpipe::build_program(Schedule::OneFOneB, 4, 3, round_robin(4, 2));
   EXPECT_NE(
-      gpipe_test::error_of(
-          [&] { gpipe::check_ordered_messages(mismatched); })
+      gpipe_test::error_of([&] { gpipe::check_ordered_messages(mismatched); })
           .find("message 2 from lane 1 to lane 0 is 1SEND_F2 at the sender but "
                 "2RECV_B0 at the receiver"),
       std::string::npos);
@@ -611,8 +609,7 @@ TEST(
   const auto deadlocked =
       gpipe::build_program(Schedule::FillDrain, 4, 4, round_robin(4, 2));
   EXPECT_NE(
-      gpipe_test::error_of(
-          [&] { gpipe::check_ordered_messages(deadlocked); })
+      gpipe_test::error_of([&] { gpipe::check_ordered_messages(deadlocked); })
           .find("its coalesced groups wait for each other (lane 0 at 2SEND_F0, "
                 "lane 1 at 1SEND_F1)"),
       std::string::npos);

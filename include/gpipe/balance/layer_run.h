@@ -12,8 +12,8 @@
 #pragma once
 
 #include <gpipe/detail/bundle.h>
-#include <gpipe/detail/skip_layout.h>
 #include <gpipe/detail/skip_frame.h>
+#include <gpipe/detail/skip_layout.h>
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>

@@ -44,8 +44,7 @@ class LocalStages final : public StageHost {
  public:
   /// `x` moved to stage j's device for micro-batch i (a recorded copy when
   /// it has to travel).
-  torch::Tensor receive(const torch::Tensor& x, int64_t i, int64_t j)
-      override {
+  torch::Tensor receive(const torch::Tensor& x, int64_t i, int64_t j) override {
     const auto& device = device_of[static_cast<size_t>(j)];
     if (x.device() == device) {
       return x;

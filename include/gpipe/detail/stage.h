@@ -17,7 +17,6 @@
 #include <gpipe/detail/pipe_call.h>
 #include <gpipe/detail/skip_layout.h>
 #include <gpipe/recompute.h>
-#include <gpipe/skip.h>
 #include <gpipe/timeline.h>
 
 #include <ATen/core/ivalue.h>
@@ -262,7 +261,11 @@ struct StageState : torch::CustomClassHolder {
     {
       CapturingWeightGroups capturing(*groups);
       routing().differentiate(
-          graph, plan.inputs_only(), grad_outputs, /*retain_graph=*/true, grads);
+          graph,
+          plan.inputs_only(),
+          grad_outputs,
+          /*retain_graph=*/true,
+          grads);
     }
     pending_plan = std::move(plan);
     pending_groups = std::move(*groups);

@@ -164,7 +164,11 @@ class StageHost {
       const std::shared_ptr<PipeCall>& call) const {
     auto state = make_state(i, j, /*checkpointed=*/false, call);
     TimelineScope recording(
-        timeline.get(), j, i, Phase::Forward, device_of[static_cast<size_t>(j)]);
+        timeline.get(),
+        j,
+        i,
+        Phase::Forward,
+        device_of[static_cast<size_t>(j)]);
     CellObserver observer;
     observer.batch_norm = call->batch_norm;
     std::optional<ObserverScope> observing;

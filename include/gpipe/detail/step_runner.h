@@ -9,8 +9,8 @@
 #pragma once
 
 #include <gpipe/detail/bundle.h>
-#include <gpipe/detail/executor.h>
 #include <gpipe/detail/cell_context.h>
+#include <gpipe/detail/executor.h>
 #include <gpipe/detail/stage.h>
 #include <gpipe/detail/stage_host.h>
 #include <gpipe/options.h>

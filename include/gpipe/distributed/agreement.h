@@ -66,8 +66,12 @@ inline void check_same_everywhere(
   const std::string mine_text = stages_fingerprint(stages);
   auto& store = *world.store();
   const std::string rank = std::to_string(world.rank());
-  store.set(prefix + "common/" + rank, std::vector<uint8_t>(common_text.begin(), common_text.end()));
-  store.set(prefix + "stages/" + rank, std::vector<uint8_t>(mine_text.begin(), mine_text.end()));
+  store.set(
+      prefix + "common/" + rank,
+      std::vector<uint8_t>(common_text.begin(), common_text.end()));
+  store.set(
+      prefix + "stages/" + rank,
+      std::vector<uint8_t>(mine_text.begin(), mine_text.end()));
   const auto text = [&](const std::string& key) {
     try {
       const auto value = store.get(key);
@@ -87,8 +91,7 @@ inline void check_same_everywhere(
     return std::string();
   };
   for (int64_t other = 0; other < world.size(); ++other) {
-    const std::string theirs =
-        text(prefix + "common/" + std::to_string(other));
+    const std::string theirs = text(prefix + "common/" + std::to_string(other));
     TORCH_CHECK(
         theirs == common_text,
         "gpipe: rank ",

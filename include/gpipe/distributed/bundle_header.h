@@ -148,8 +148,8 @@ inline Bundle allocate_from_header(
         from);
     std::vector<int64_t> sizes(h + at, h + at + dim);
     at += static_cast<size_t>(dim);
-    auto tensor = torch::empty(
-        sizes, torch::TensorOptions().dtype(dtype).device(device));
+    auto tensor =
+        torch::empty(sizes, torch::TensorOptions().dtype(dtype).device(device));
     if (requires_grad) {
       tensor.requires_grad_(true);
     }
@@ -206,7 +206,9 @@ class AgreedHeaders {
   }
 
   /// Agrees `header` for `tag` in this step's signature.
-  const std::vector<int64_t>& agree(const Tag& tag, std::vector<int64_t> header) {
+  const std::vector<int64_t>& agree(
+      const Tag& tag,
+      std::vector<int64_t> header) {
     return agreed_.emplace(key_of(tag), std::move(header)).first->second;
   }
 

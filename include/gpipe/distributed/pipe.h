@@ -33,8 +33,8 @@
 #include <gpipe/distributed/step_header.h>
 #include <gpipe/distributed/transport.h>
 #include <gpipe/distributed/world.h>
-#include <gpipe/ordered_messages.h>
 #include <gpipe/options.h>
+#include <gpipe/ordered_messages.h>
 #include <gpipe/program.h>
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
@@ -200,11 +200,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
   /// `by_order`, the one for messages matched by order (Note [Messages
   /// matched by order]), checked before it runs.
   const Program& program_for(int64_t m, bool by_order = false) {
-    std::vector<int64_t> lanes;
-    for (int64_t s = 0; s < n_; ++s) {
-      lanes.push_back(s % options.stages());
-    }
-    return programs_.scheduled(options.schedule(), n_, m, lanes, by_order);
+    return programs_.scheduled(
+        options.schedule(), n_, m, placement_.lane_of_stage(), by_order);
   }
 
   /// Whether tensors travel over NCCL.
@@ -367,7 +364,9 @@ class DistributedGPipeImpl : public torch::nn::Module {
       header = detail::StepHeader::of(input, inputs.size(), is_list);
       for (int64_t p = 1; p < options.stages(); ++p) {
         transport.send_control(
-            header.message(), placement_.replica * options.stages() + p, kBatch);
+            header.message(),
+            placement_.replica * options.stages() + p,
+            kBatch);
       }
     } else {
       auto message = detail::StepHeader().message();
@@ -435,7 +434,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
     // The loss: known to the last stage, told to the others.
     auto loss = torch::zeros({1}, torch::kFloat64);
     if (is_last()) {
-      loss[0] = runner.total_loss().to(torch::kCPU, torch::kFloat64).item<double>();
+      loss[0] =
+          runner.total_loss().to(torch::kCPU, torch::kFloat64).item<double>();
       for (int64_t p = 0; p + 1 < options.stages(); ++p) {
         transport.send_control(
             loss.clone(), placement_.replica * options.stages() + p, kLoss);

@@ -34,6 +34,16 @@ struct RankPlacement {
   std::vector<int64_t> rank_of_stage; // in this rank's pipeline
   bool nccl = false;
 
+  /// The position in the pipeline that runs each stage: the program's
+  /// lanes.
+  std::vector<int64_t> lane_of_stage() const {
+    std::vector<int64_t> lanes;
+    for (int64_t s = 0; s < stages_total; ++s) {
+      lanes.push_back(s % stages);
+    }
+    return lanes;
+  }
+
   /// "rank 3 (stage 1)", "rank 1 (stages 1 3)".
   std::string describe(int64_t rank) const {
     const int64_t position = rank % stages;
@@ -136,8 +146,7 @@ inline RankPlacement place_on_ranks(
     placement.my_stages.push_back(s);
   }
   for (int64_t s = 0; s < placement.stages_total; ++s) {
-    placement.rank_of_stage.push_back(
-        placement.replica * stages + s % stages);
+    placement.rank_of_stage.push_back(placement.replica * stages + s % stages);
   }
   placement.stages = stages;
   placement.stages_per_rank = options.stages_per_rank();
@@ -145,8 +154,7 @@ inline RankPlacement place_on_ranks(
 }
 
 /// Across processes a skip stays within one stage.
-inline void reject_skips_across_stages(
-    const gpipe::detail::SkipLayout& skips) {
+inline void reject_skips_across_stages(const gpipe::detail::SkipLayout& skips) {
   if (skips.empty()) {
     return;
   }

@@ -180,7 +180,9 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     const std::string what = to_string(tag);
     const auto* agreed = headers_.find(tag);
     TORCH_INTERNAL_ASSERT(
-        !ordered_ || agreed != nullptr, "gpipe: no agreed header for the ", what);
+        !ordered_ || agreed != nullptr,
+        "gpipe: no agreed header for the ",
+        what);
     if (agree_every_time_ || agreed == nullptr) {
       auto received = torch::empty({kHeaderSize}, torch::kInt64);
       receive_into(received, peer, wire_tag(tag, 0), what);
@@ -214,7 +216,8 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
              false,
              what});
       } else {
-        receive_into(tensor, peer, wire_tag(tag, static_cast<int64_t>(k + 1)), what);
+        receive_into(
+            tensor, peer, wire_tag(tag, static_cast<int64_t>(k + 1)), what);
       }
     }
     gpipe::detail::check_received(tag, tensors, expected);

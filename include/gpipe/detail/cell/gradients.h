@@ -213,7 +213,8 @@ struct GradientPlan {
   void add(torch::Tensor tensor, Goes goes, size_t index) {
     wrt.push_back(std::move(tensor));
     where.emplace_back(goes, index);
-    only_in_place = only_in_place && (goes == Goes::Input || goes == Goes::InPlace);
+    only_in_place =
+        only_in_place && (goes == Goes::Input || goes == Goes::InPlace);
   }
 
   /// The entries that go to the inputs.

@@ -7,8 +7,8 @@
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/cell_context.h>
 #include <gpipe/detail/pipe_call.h>
+#include <gpipe/detail/skip_frame.h>
 #include <gpipe/detail/skip_layout.h>
-#include <gpipe/skip.h>
 
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>

@@ -167,8 +167,7 @@ class OrderCheck {
     if (!was_seen(Op::F, s)) {
       fail("comes before its forward " + text(Op::F, s));
     }
-    if (s + 1 < p_.stages && apart(p_, s, s + 1) &&
-        !was_seen(Op::RECV_B, s)) {
+    if (s + 1 < p_.stages && apart(p_, s, s + 1) && !was_seen(Op::RECV_B, s)) {
       fail(
           "comes before its receive " + text(Op::RECV_B, s) + " (stage " +
           std::to_string(s + 1) + " runs on lane " + lane_text(s + 1) + ")");
@@ -213,8 +212,7 @@ class OrderCheck {
     if (peer < 0 || peer >= p_.stages) {
       fail(
           "talks to stage " + std::to_string(peer) +
-          ", which does not exist (stages: " + std::to_string(p_.stages) +
-          ")");
+          ", which does not exist (stages: " + std::to_string(p_.stages) + ")");
     }
     if (!apart(p_, s, peer)) {
       fail(
