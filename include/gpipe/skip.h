@@ -107,19 +107,24 @@ namespace skip {
 /// names, and `stash`/`pop` (called in its forward) use them.
 class Skippable {
  public:
+  /// Declares the names this module stashes and pops: each non-empty, none
+  /// twice in a list (a `gpipe:` error otherwise).
   Skippable(std::vector<std::string> stashes, std::vector<std::string> pops)
       : stashes_(std::move(stashes)), pops_(std::move(pops)) {
     check_names(stashes_, "stashes");
     check_names(pops_, "pops");
   }
   virtual ~Skippable() = default;
+  /// Copies the declarations and the namespace (a cloned module keeps them).
   Skippable(const Skippable&) = default;
+  /// Copies the declarations and the namespace.
   Skippable& operator=(const Skippable&) = default;
 
-  /// The names this module stashes and pops, unqualified.
+  /// The names this module stashes, unqualified.
   const std::vector<std::string>& stashes() const {
     return stashes_;
   }
+  /// The names this module pops, unqualified.
   const std::vector<std::string>& pops() const {
     return pops_;
   }
@@ -128,6 +133,7 @@ class Skippable {
   void isolate(std::string ns) {
     namespace_ = std::move(ns);
   }
+  /// The module's namespace ("" is the global one).
   const std::string& skip_namespace() const {
     return namespace_;
   }
