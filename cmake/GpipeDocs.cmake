@@ -221,26 +221,21 @@ if(GPIPE_BUILD_TESTS)
 endif()
 
 # The API reference: `cmake --build build --target docs` writes
-# build/docs/reference/html/index.html. Doxygen fails on any warning
-# (docs/Doxyfile.in), so an undocumented public name fails it.
+# build/docs/reference/html/index.html (the guide's pages and the headers'
+# doc comments). Doxygen fails on any warning (docs/Doxyfile.in), so an
+# undocumented public name fails the target; CI builds it as a stage of its
+# own, so that the tests need no doxygen.
 find_package(Doxygen QUIET)
 if(DOXYGEN_FOUND)
   set(gpipe_docs_output "${gpipe_docs_binary_dir}/reference")
   configure_file("${gpipe_docs_dir}/Doxyfile.in" "${gpipe_docs_binary_dir}/Doxyfile" @ONLY)
-  file(GLOB_RECURSE gpipe_docs_headers CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/gpipe/*.h")
   add_custom_target(docs
     COMMAND "${CMAKE_COMMAND}" -E make_directory "${gpipe_docs_output}"
     COMMAND Doxygen::doxygen "${gpipe_docs_binary_dir}/Doxyfile"
     COMMAND "${CMAKE_COMMAND}" -E echo "gpipe: API reference in ${gpipe_docs_output}/html/index.html"
-    DEPENDS "${gpipe_docs_binary_dir}/Doxyfile" "${gpipe_docs_dir}/api.md" ${gpipe_docs_headers}
     WORKING_DIRECTORY "${PROJECT_SOURCE_DIR}"
     COMMENT "Generating the API reference with Doxygen (warnings are errors)"
     VERBATIM)
-  if(GPIPE_BUILD_TESTS)
-    add_test(NAME Docs.ApiReferenceHasNoDoxygenWarnings
-      COMMAND "${CMAKE_COMMAND}" --build "${PROJECT_BINARY_DIR}" --target docs)
-    set_tests_properties(Docs.ApiReferenceHasNoDoxygenWarnings PROPERTIES TIMEOUT 300)
-  endif()
 else()
   message(STATUS "gpipe: doxygen not found: no `docs` target (the API reference); "
                  "install doxygen (Debian: doxygen)")

@@ -94,7 +94,7 @@ if(NOT where STREQUAL "after")
 endif()
 
 if(mode STREQUAL "write")
-  set(table "| note | where | what it says |\n|---|---|---|\n")
+  set(table "| note | header, under `include/` | what it says |\n|---|---|---|\n")
   foreach(name IN LISTS names)
     if(DEFINED row_text_${name})
       set(text "${row_text_${name}}")
