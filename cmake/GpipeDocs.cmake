@@ -10,10 +10,13 @@
 # own and under #line directives, so a block that does not compile fails the
 # build with the error at its line of the markdown. A block's #include lines
 # go to the top of its page's unit: the blocks of a page see the headers the
-# page has included so far, as its reader does. A block that defines
-# `int main()` is a program, and ctest runs it as Docs.<Page>.<Name> (README.md
-# is the page Readme, docs/getting-started.md GettingStarted); it may return
-# 77 to say it was skipped (no GPU). A program whose marker reads
+# page has included so far, as its reader does. (Pages compile four to a
+# unity unit, below, so a page that forgets an include that an earlier page
+# of its unit made still compiles; each page's first program lists its
+# includes.) A block that defines `int main()` is a program, and ctest runs
+# it as Docs.<Page>.<Name> (README.md is the page Readme,
+# docs/getting-started.md GettingStarted); it may return 77 to say it was
+# skipped (no GPU). A program whose marker reads
 # `// snippet: Name (torchrun, N ranks)` runs under torchrun as N processes.
 # The other blocks are compiled only. Docs.EveryCppBlockIsCompiled counts the
 # ```cpp blocks of the pages when it runs and compares them with the blocks
@@ -142,7 +145,23 @@ function(gpipe_docs_extract page_path page prefix)
   file(REMOVE "${gpipe_docs_binary_dir}/snippets/${page}.cpp.new")
 endfunction()
 
-if(GPIPE_BUILD_TESTS)
+# The documentation's tests come with the other tests. A build that picks
+# test suites (GPIPE_TEST_SUITES, as the sanitizer presets do) leaves them
+# out unless GPIPE_TEST_DOCS=ON asks for them.
+if(GPIPE_TEST_SUITES)
+  set(gpipe_docs_tests_default OFF)
+else()
+  set(gpipe_docs_tests_default ON)
+endif()
+option(GPIPE_TEST_DOCS
+  "Compile the code of README.md and docs/*.md and run its programs, with the tests"
+  ${gpipe_docs_tests_default})
+if(GPIPE_BUILD_TESTS AND GPIPE_TEST_DOCS)
+  set(gpipe_docs_tests_wanted ON)
+else()
+  set(gpipe_docs_tests_wanted OFF)
+endif()
+if(gpipe_docs_tests_wanted)
   file(GLOB gpipe_docs_pages CONFIGURE_DEPENDS "${gpipe_docs_dir}/*.md")
   list(PREPEND gpipe_docs_pages "${PROJECT_SOURCE_DIR}/README.md")
   set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${gpipe_docs_pages})
@@ -198,7 +217,11 @@ if(GPIPE_BUILD_TESTS)
     target_link_libraries(gpipe_docs_snippets PRIVATE gpipe::distributed)
   endif()
   # Glue around LibTorch's kernels, as the tests are: -O1 compiles faster.
+  # The pages compile four to a unit: each unit instantiates the pipe once,
+  # which is most of a page's compile time (the blocks' namespaces and
+  # #line directives keep them apart).
   target_compile_options(gpipe_docs_snippets PRIVATE $<$<CONFIG:Release>:-O1>)
+  set_target_properties(gpipe_docs_snippets PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 4)
   if(TARGET gpipe_programs_pch)
     target_precompile_headers(gpipe_docs_snippets REUSE_FROM gpipe_programs_pch)
   else()

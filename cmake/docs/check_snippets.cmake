@@ -12,6 +12,7 @@ file(GLOB pages "${docs_dir}/*.md")
 list(PREPEND pages "${readme}")
 set(expected "")
 set(blocks 0)
+set(marked 0)
 foreach(page_path IN LISTS pages)
   gpipe_docs_page_name("${page_path}" page)
   file(READ "${page_path}" text)
@@ -23,6 +24,7 @@ foreach(page_path IN LISTS pages)
     if(after_fence)
       if(line MATCHES "^ *// snippet: ([A-Za-z0-9]+)")
         list(APPEND expected "${page}.${CMAKE_MATCH_1}")
+        math(EXPR marked "${marked} + 1")
       else()
         list(APPEND expected "${page}.<a block without a marker: ${line}>")
       endif()
@@ -45,7 +47,6 @@ list(APPEND compiled ${left_out})
 
 list(SORT expected)
 list(SORT compiled)
-list(LENGTH expected expected_count)
 list(LENGTH compiled compiled_count)
 if(NOT expected STREQUAL compiled)
   set(missing ${expected})
@@ -53,7 +54,7 @@ if(NOT expected STREQUAL compiled)
   set(extra ${compiled})
   list(REMOVE_ITEM extra ${expected})
   message(FATAL_ERROR
-    "the pages have ${blocks} ```cpp blocks, ${expected_count} named, but "
+    "the pages have ${blocks} ```cpp blocks, ${marked} with a marker, but "
     "${compiled_count} snippets were compiled in.\n"
     "  in the pages, not compiled: ${missing}\n"
     "  compiled, not in the pages: ${extra}\n"

@@ -10,8 +10,8 @@
 namespace gpipe_docs {
 
 struct Snippet {
-  std::string name;    // Page.Name
-  int (*main)();       // a program's main; nullptr: compiled only
+  std::string name; // Page.Name
+  int (*main)(); // a program's main; nullptr: compiled only
 };
 
 std::vector<Snippet>& snippets();
@@ -21,7 +21,7 @@ inline bool add(const char* name, int (*main)()) {
   return true;
 }
 
-}  // namespace gpipe_docs
+} // namespace gpipe_docs
 
 #define GPIPE_DOCS_CONCAT_(a, b) a##b
 #define GPIPE_DOCS_CONCAT(a, b) GPIPE_DOCS_CONCAT_(a, b)

@@ -13,10 +13,11 @@ std::vector<Snippet>& snippets() {
   static std::vector<Snippet> all;
   return all;
 }
-}  // namespace gpipe_docs
+} // namespace gpipe_docs
 
 int main(int argc, char** argv) {
-  const std::string usage = "usage: gpipe_docs_snippets --list | Page.Name | --skip REASON";
+  const std::string usage =
+      "usage: gpipe_docs_snippets --list | Page.Name | --skip REASON";
   if (argc != 2 && !(argc == 3 && std::string(argv[1]) == "--skip")) {
     std::cerr << usage << "\n";
     return 2;
@@ -37,7 +38,8 @@ int main(int argc, char** argv) {
       continue;
     }
     if (snippet.main == nullptr) {
-      std::cerr << what << " is compiled only: it is not a program (no int main())\n";
+      std::cerr << what
+                << " is compiled only: it is not a program (no int main())\n";
       return 2;
     }
     try {
