@@ -982,10 +982,10 @@ int free_cores(int cores, double* load) {
 /// waits for the one that is descheduled, and the waiting threads spin
 /// (OpenMP's default), taking the core from those that would work: on a
 /// busy 2-core machine the tour then takes minutes instead of seconds (see
-/// the README). This example puts every CPU partition on one lane (as GPipe
-/// does unless `concurrent_cpu_partitions` is on), so on the CPU one lane
-/// runs at a time and gets every free core; on GPUs the CPU only launches
-/// work.
+/// docs/performance.md, "Threads on the CPU"). This example puts every CPU
+/// partition on one lane (as GPipe does unless `concurrent_cpu_partitions` is
+/// on), so on the CPU one lane runs at a time and gets every free core; on GPUs
+/// the CPU only launches work.
 std::string set_threads(const Tour& tour) {
   const int libtorch_default = torch::get_num_threads();
   const int cores = usable_cores();

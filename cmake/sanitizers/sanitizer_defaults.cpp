@@ -34,9 +34,9 @@ const char* __ubsan_default_options() {
 
 const char* __tsan_default_options() {
   // ThreadSanitizer is advisory here (the tsan preset in CMakePresets.json,
-  // README.md "Development"): LibTorch is not instrumented, so TSan cannot
-  // see its synchronization. Keep going after a report so one run lists them
-  // all.
+  // "Development" in docs/getting-started.md): LibTorch is not instrumented,
+  // so TSan cannot see its synchronization. Keep going after a report so one
+  // run lists them all.
   return "halt_on_error=0:second_deadlock_stack=1";
 }
 

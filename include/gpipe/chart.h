@@ -49,8 +49,9 @@ struct ScheduleSlice {
   int64_t microbatch = 0;
   /// What the row was doing; picks the box's colour.
   Phase phase = Phase::Forward;
-  /// Where the box starts and how long it is, in the layout's `unit`.
+  /// Where the box starts, in the layout's `unit`.
   double start = 0;
+  /// How long the box is, in the layout's `unit`.
   double duration = 0;
 };
 

@@ -63,7 +63,14 @@ inline std::ostream& operator<<(std::ostream& os, Reduction reduction) {
   return os << to_string(reduction);
 }
 
+/// The options of a pipe, LibTorch style: `GPipeOptions(4).microbatches(8)`.
+/// Each option is a `TORCH_ARG`: `options.microbatches(8)` sets it and
+/// returns the options, `options.microbatches()` reads it. `partitions`,
+/// `balance`, `devices`, `lanes` and `concurrent_cpu_partitions` are fixed
+/// when the pipe is built; the others may change between calls.
 struct GPipeOptions {
+  /// Options for a pipe of `partitions` partitions, every other option at
+  /// its default.
   /* implicit */ GPipeOptions(int64_t partitions) : partitions_(partitions) {}
 
   /// Number of partitions (pipeline stages) K.

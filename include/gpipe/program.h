@@ -75,20 +75,27 @@ inline bool is_compute(Op op) {
 
 /// One thing a lane does: op on micro-batch i of a stage.
 struct Action {
+  /// The stage (partition) s it runs on.
   int64_t stage = 0;
+  /// What it does.
   Op op = Op::F;
+  /// The micro-batch i.
   int64_t microbatch = 0;
 
+  /// The forward of micro-batch `i` on `stage`.
   static Action forward(int64_t i, int64_t stage = 0) {
     return {stage, Op::F, i};
   }
+  /// The full backward of micro-batch `i` on `stage`.
   static Action backward(int64_t i, int64_t stage = 0) {
     return {stage, Op::B, i};
   }
+  /// Same stage, op and micro-batch.
   bool operator==(const Action& other) const {
     return stage == other.stage && op == other.op &&
         microbatch == other.microbatch;
   }
+  /// Not `==`.
   bool operator!=(const Action& other) const {
     return !(*this == other);
   }
@@ -159,15 +166,21 @@ inline Action parse_action(const std::string& text) {
 /// lane_of_stage[s]; several stages may share a lane (interleaving, or every
 /// stage on one CPU thread).
 struct Program {
+  /// The number of stages (partitions) n.
   int64_t stages = 0;
+  /// The number of micro-batches m.
   int64_t microbatches = 0;
+  /// The lane of each stage, `stages` entries numbered 0..L-1.
   std::vector<int64_t> lane_of_stage;
+  /// Per lane, the actions it runs, in order.
   std::vector<std::vector<Action>> lanes;
 
+  /// Same stages, micro-batches, placement and actions in the same order.
   bool operator==(const Program& other) const {
     return stages == other.stages && microbatches == other.microbatches &&
         lane_of_stage == other.lane_of_stage && lanes == other.lanes;
   }
+  /// Not `==`.
   bool operator!=(const Program& other) const {
     return !(*this == other);
   }

@@ -72,6 +72,8 @@ namespace skip {
 /// names, and `stash`/`pop` (called in its forward) use them.
 class Skippable : public detail::SkipDeclarations {
  public:
+  /// Declares the names this module stashes and pops: each non-empty, none
+  /// twice in a list (a `gpipe:` error otherwise).
   Skippable(std::vector<std::string> stashes, std::vector<std::string> pops)
       : SkipDeclarations(std::move(stashes), std::move(pops)) {}
 

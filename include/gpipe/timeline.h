@@ -30,11 +30,17 @@ namespace gpipe {
 /// One slice: partition j did `phase` for micro-batch i on `device`, from
 /// `start_us` to `end_us` microseconds after the timeline's origin.
 struct TimelineEvent {
+  /// The partition j (a global stage number across processes).
   int64_t partition = 0;
+  /// The micro-batch i.
   int64_t microbatch = 0;
+  /// What the partition was doing.
   Phase phase = Phase::Forward;
+  /// The device it ran on.
   torch::Device device = torch::kCPU;
+  /// When the slice started, in microseconds after the timeline's origin.
   double start_us = 0;
+  /// When the slice ended, in microseconds after the timeline's origin.
   double end_us = 0;
 };
 

@@ -184,15 +184,20 @@ class World {
   World(const World&) = delete;
   World& operator=(const World&) = delete;
 
+  /// This process's rank, 0..size()-1.
   int64_t rank() const {
     return options_.rank();
   }
+  /// The number of ranks in the job.
   int64_t size() const {
     return options_.world_size();
   }
+  /// This rank's index on its host (torchrun's LOCAL_RANK): `cuda:LOCAL_RANK`
+  /// is its GPU.
   int64_t local_rank() const {
     return options_.local_rank();
   }
+  /// How long any rank waits for another before it reports it as stuck.
   std::chrono::milliseconds timeout() const {
     return options_.timeout();
   }

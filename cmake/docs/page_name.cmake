@@ -1,0 +1,15 @@
+# The name of a documentation page in test names (cmake/GpipeDocs.cmake).
+# "getting-started.md" -> "GettingStarted", "README.md" -> "Readme".
+function(gpipe_docs_page_name path out)
+  get_filename_component(stem "${path}" NAME_WE)
+  string(TOLOWER "${stem}" stem)
+  string(REPLACE "-" ";" words "${stem}")
+  set(name "")
+  foreach(word IN LISTS words)
+    string(SUBSTRING "${word}" 0 1 first)
+    string(SUBSTRING "${word}" 1 -1 rest)
+    string(TOUPPER "${first}" first)
+    string(APPEND name "${first}${rest}")
+  endforeach()
+  set(${out} "${name}" PARENT_SCOPE)
+endfunction()
