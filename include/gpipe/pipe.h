@@ -63,6 +63,8 @@
 
 namespace gpipe {
 
+/// A Sequential cut into partitions on devices, trained on micro-batches as
+/// if it were the Sequential itself; use it through its holder, GPipe.
 template <typename SequentialT>
 class GPipeImpl : public torch::nn::Module {
   static_assert(
@@ -70,6 +72,8 @@ class GPipeImpl : public torch::nn::Module {
       "gpipe: GPipe wraps a torch::nn::Sequential");
 
  public:
+  /// Wraps `sequential` (its own modules, not copies), split and placed as
+  /// `options_` say; every bad option is a `gpipe:` error here.
   GPipeImpl(const SequentialT& sequential, GPipeOptions options_)
       : options(resolved(sequential, std::move(options_))),
         sequential_(sequential),
@@ -197,6 +201,7 @@ class GPipeImpl : public torch::nn::Module {
     torch::nn::Module::to(device, dtype, non_blocking);
   }
 
+  /// As `to(device, dtype)`: refused unless every partition is there.
   void to(torch::Device device, bool non_blocking = false) override {
     drift_.check_stays_on_its_devices(device);
     torch::nn::Module::to(device, non_blocking);
@@ -229,6 +234,7 @@ class GPipeImpl : public torch::nn::Module {
     stages_.timeline = std::move(timeline);
   }
 
+  /// The timeline that records, or null.
   const std::shared_ptr<Timeline>& timeline() const {
     return stages_.timeline;
   }
@@ -251,6 +257,7 @@ class GPipeImpl : public torch::nn::Module {
     return sequential_->ptr(index);
   }
 
+  /// `ptr(index)`, as Sequential's `operator[]`.
   std::shared_ptr<torch::nn::Module> operator[](size_t index) const {
     return ptr(index);
   }
@@ -266,12 +273,15 @@ class GPipeImpl : public torch::nn::Module {
   auto begin() {
     return sequential_->begin();
   }
+  /// The end of the iteration over the layers.
   auto end() {
     return sequential_->end();
   }
+  /// Iteration over the layers of a const pipe.
   auto begin() const {
     return sequential_->begin();
   }
+  /// The end of the iteration over the layers of a const pipe.
   auto end() const {
     return sequential_->end();
   }
@@ -463,6 +473,7 @@ class GPipe : public torch::nn::ModuleHolder<GPipeImpl<SequentialT>> {
   torch::Tensor operator()(const Input& input) {
     return this->get()->forward(input);
   }
+  /// `pipe({h, mask})`: a braced list is a list, even of one tensor.
   torch::Tensor operator()(std::initializer_list<torch::Tensor> inputs) {
     return this->get()->forward(inputs);
   }

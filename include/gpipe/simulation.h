@@ -17,16 +17,25 @@ namespace gpipe {
 /// How long each action takes, in any unit. comm is the time of a receive
 /// once its send is done (a send takes no time).
 struct Costs {
+  /// A forward.
   double F = 1.0;
+  /// A whole backward.
   double B = 2.0;
+  /// The input-gradient half of a backward.
   double I = 1.0;
+  /// The weight-gradient half of a backward.
   double W = 1.0;
+  /// A message, from its send to its receive.
   double comm = 0.0;
 };
 
+/// One action of a simulated run, with when it starts and ends.
 struct TimedAction {
+  /// The action.
   Action action;
+  /// When it starts.
   double start = 0;
+  /// When it ends.
   double end = 0;
 };
 

@@ -45,17 +45,22 @@ struct TimeOptions {
 /// tensor), every tensor with the same batch size.
 class Sample {
  public:
+  /// One tensor, as a pipe's input tensor.
   /* implicit */ Sample(const torch::Tensor& tensor)
       : value_(detail::value_of(tensor)) {}
+  /// Several tensors, as a pipe's list input.
   /* implicit */ Sample(const std::vector<torch::Tensor>& tensors)
       : value_(detail::value_of(tensors)) {}
+  /// A braced list: a list, even of one tensor.
   /* implicit */ Sample(std::initializer_list<torch::Tensor> tensors)
       : value_{detail::Bundle(tensors), true} {}
 
+  /// The tensors, and whether they form a list.
   const detail::Value& value() const {
     return value_;
   }
 
+  /// Where the sample lives (its first tensor's device).
   torch::Device device() const {
     return value_.tensors.front().device();
   }

@@ -65,7 +65,9 @@ inline std::string format_cost(double value, const std::string& unit) {
 struct BalanceReport {
   /// "s" (seconds) or "B" (bytes); anything else prints as is.
   std::string unit;
+  /// Each layer's cost, in the Sequential's order.
   std::vector<double> layer_costs;
+  /// Layers per partition.
   std::vector<int64_t> balance;
   /// Each partition's cost (for memory, including what a partition keeps at
   /// its ends, so not always the sum of its layers').
@@ -73,10 +75,12 @@ struct BalanceReport {
   /// A line printed under the table; empty: none.
   std::string note;
 
+  /// The slowest (largest) partition's cost: what bounds the pipe.
   double max_cost() const {
     return *std::max_element(partition_costs.begin(), partition_costs.end());
   }
 
+  /// The partitions' mean cost: what a perfect balance would give each.
   double mean_cost() const {
     double sum = 0;
     for (const double cost : partition_costs) {

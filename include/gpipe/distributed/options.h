@@ -50,13 +50,17 @@ struct DistributedOptions {
   /// replicas = world size / stages.
   /* implicit */ DistributedOptions(int64_t stages) : stages_(stages) {}
 
+  /// Ranks per pipeline: the pipe's stage count when stages_per_rank is 1.
   TORCH_ARG(int64_t, stages);
   /// Stages each rank runs (Note [Interleaved stages across ranks]).
   TORCH_ARG(int64_t, stages_per_rank) = 1;
   /// Micro-batches per step (fewer when a batch is smaller).
   TORCH_ARG(int64_t, microbatches) = 1;
+  /// The order of forwards and backwards, as GPipeOptions::schedule.
   TORCH_ARG(Schedule, schedule) = Schedule::FillDrain;
+  /// Which micro-batches re-materialize, as GPipeOptions::checkpoint.
   TORCH_ARG(Checkpoint, checkpoint) = Checkpoint::ExceptLast;
+  /// How micro-batch losses combine, as GPipeOptions::loss_reduction.
   TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
   /// Layers per (virtual) stage, when built from a whole Sequential; empty:
   /// as even as the layer count allows.

@@ -62,8 +62,11 @@
 
 namespace gpipe::distributed {
 
+/// One rank's share of a pipe across processes; use it through its holder,
+/// DistributedGPipe.
 class DistributedGPipeImpl : public torch::nn::Module {
  public:
+  /// (output of a micro-batch, its target) -> scalar loss.
   using LossFunction = gpipe::detail::LossFunction;
   /// Builds stage s (of stages * stages_per_rank) as a Sequential.
   using StageBuilder = std::function<torch::nn::Sequential(int64_t stage)>;
@@ -161,9 +164,11 @@ class DistributedGPipeImpl : public torch::nn::Module {
   int64_t stages() const {
     return options.stages();
   }
+  /// How many pipelines the World holds.
   int64_t replicas() const {
     return placement_.replicas;
   }
+  /// Which pipeline this rank is in, in [0, replicas).
   int64_t replica() const {
     return placement_.replica;
   }
@@ -175,12 +180,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
   const std::vector<int64_t>& my_stages() const {
     return placement_.my_stages;
   }
+  /// Whether this rank runs the first stage (and reads the input).
   bool is_first() const {
     return placement_.my_stages.front() == 0;
   }
+  /// Whether this rank runs the last stage (and reads the target).
   bool is_last() const {
     return placement_.my_stages.back() == n_ - 1;
   }
+  /// The processes this pipe runs on.
   const std::shared_ptr<World>& world() const {
     return world_;
   }
@@ -192,6 +200,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
   void set_timeline(std::shared_ptr<Timeline> timeline) {
     stages_.timeline = std::move(timeline);
   }
+  /// The timeline that records, or null.
   const std::shared_ptr<Timeline>& timeline() const {
     return stages_.timeline;
   }
@@ -216,6 +225,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     return last_by_order_;
   }
 
+  /// This rank's place and the options, as LibTorch prints modules.
   void pretty_print(std::ostream& stream) const override {
     stream << "gpipe::distributed::DistributedGPipe(rank=" << world_->rank()
            << ", replica=" << placement_.replica
@@ -224,6 +234,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
            << ", device=" << options.device() << ")";
   }
 
+  /// The options, with balance and device filled in as resolved.
   DistributedOptions options;
 
  private:
@@ -248,49 +259,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
         std::move(mine),
         std::vector<torch::Device>(static_cast<size_t>(n_), options.device()),
         std::vector<size_t>(static_cast<size_t>(n_), 0));
-    // Note [Ordered steps]: NCCL carries the data of steps whose shapes are
-    // agreed; Gloo does with match_by_order.
-    detail::OrderedPath path;
-    if (placement_.nccl) {
-      // The group's ranks are this pipeline's, in stage order, so stage s
-      // is its rank s % stages.
-      const auto first = placement_.rank_of_stage.begin();
-      path.group = world_->new_nccl_group(
-          prefix + "nccl_pipeline_" + std::to_string(placement_.replica),
-          std::vector<int64_t>(first, first + options.stages()),
-          options.device());
-      for (int64_t s = 0; s < n_; ++s) {
-        path.rank_of_stage.push_back(s % options.stages());
-      }
-      path.device = options.device();
-      path.coalesce = true;
-    } else if (options.match_by_order()) {
-      path.group = world_->group();
-      path.rank_of_stage = placement_.rank_of_stage;
-    }
     transport_ = std::make_unique<detail::ProcessGroupTransport>(
         world_->group(),
         placement_.rank_of_stage,
         *board_,
         [this](int64_t rank) { return describe(rank); },
         world_->timeout(),
-        std::move(path));
-    if (placement_.replicas > 1) {
-      std::vector<int64_t> peers;
-      for (int64_t r = 0; r < placement_.replicas; ++r) {
-        peers.push_back(r * options.stages() + placement_.position);
-      }
-      const std::string name =
-          prefix + "data_" + std::to_string(placement_.position);
-      replicas_ = std::make_unique<detail::ReplicaGroup>(
-          placement_.nccl
-              ? world_->new_nccl_group(name, peers, options.device())
-              : world_->new_group(name, peers),
-          world_,
-          *board_,
-          placement_.nccl ? options.device() : torch::Device(torch::kCPU),
-          describe(world_->rank()));
-    }
+        detail::ordered_path(*world_, placement_, options, prefix));
+    replicas_ = detail::ReplicaGroup::of_stage(
+        world_, placement_, options, prefix, *board_);
   }
 
   std::string describe(int64_t rank) const {

@@ -7,8 +7,8 @@
 
 #include <gpipe/detail/microbatch.h>
 #include <gpipe/detail/skip_layout.h>
+#include <gpipe/distributed/bundle_header.h>
 #include <gpipe/distributed/options.h>
-#include <gpipe/distributed/transport.h>
 #include <gpipe/distributed/world.h>
 
 #include <c10/util/Exception.h>

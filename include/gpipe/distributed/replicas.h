@@ -12,7 +12,9 @@
 // during the step and added back after.
 #pragma once
 
-#include <gpipe/distributed/transport.h>
+#include <gpipe/distributed/failure.h>
+#include <gpipe/distributed/options.h>
+#include <gpipe/distributed/placement.h>
 #include <gpipe/distributed/world.h>
 #include <gpipe/options.h>
 
@@ -43,6 +45,33 @@ class ReplicaGroup {
         board_(board),
         on_(on),
         who_(std::move(who)) {}
+
+  /// The group of this rank's stage across its pipeline's replicas (NCCL
+  /// where the pipe's messages go over NCCL, else Gloo); null with one
+  /// replica.
+  static std::unique_ptr<ReplicaGroup> of_stage(
+      const std::shared_ptr<World>& world,
+      const RankPlacement& placement,
+      const DistributedOptions& options,
+      const std::string& prefix,
+      FailureBoard& board) {
+    if (placement.replicas == 1) {
+      return nullptr;
+    }
+    std::vector<int64_t> peers;
+    for (int64_t r = 0; r < placement.replicas; ++r) {
+      peers.push_back(r * placement.stages + placement.position);
+    }
+    const std::string name =
+        prefix + "data_" + std::to_string(placement.position);
+    return std::make_unique<ReplicaGroup>(
+        placement.nccl ? world->new_nccl_group(name, peers, options.device())
+                       : world->new_group(name, peers),
+        world,
+        board,
+        placement.nccl ? options.device() : torch::Device(torch::kCPU),
+        placement.describe(world->rank()));
+  }
 
   /// Note [Replicas average to the global batch].
   torch::Tensor reduce(

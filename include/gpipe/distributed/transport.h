@@ -24,6 +24,9 @@
 #include <gpipe/detail/pipe_call.h>
 #include <gpipe/distributed/bundle_header.h>
 #include <gpipe/distributed/failure.h>
+#include <gpipe/distributed/options.h>
+#include <gpipe/distributed/placement.h>
+#include <gpipe/distributed/world.h>
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -59,6 +62,34 @@ struct OrderedPath {
   /// and the batch waited for (Gloo).
   bool coalesce = false;
 };
+
+/// Where this rank's steps go by order, if they do (Note [Ordered steps]):
+/// NCCL carries the data of steps whose shapes are agreed, over a group of
+/// this pipeline's ranks in stage order (stage s is its rank s % stages);
+/// Gloo does with match_by_order, over the World's group.
+inline OrderedPath ordered_path(
+    World& world,
+    const RankPlacement& placement,
+    const DistributedOptions& options,
+    const std::string& prefix) {
+  OrderedPath path;
+  if (placement.nccl) {
+    const auto first = placement.rank_of_stage.begin();
+    path.group = world.new_nccl_group(
+        prefix + "nccl_pipeline_" + std::to_string(placement.replica),
+        std::vector<int64_t>(first, first + placement.stages),
+        options.device());
+    for (int64_t s = 0; s < placement.stages_total; ++s) {
+      path.rank_of_stage.push_back(s % placement.stages);
+    }
+    path.device = options.device();
+    path.coalesce = true;
+  } else if (options.match_by_order()) {
+    path.group = world.group();
+    path.rank_of_stage = placement.rank_of_stage;
+  }
+  return path;
+}
 
 /// Sends and receives bundles of one pipe between its ranks over `group`
 /// (the World's group: peers are global ranks). Used by one thread, the
