@@ -146,8 +146,9 @@ function(gpipe_docs_extract page_path page prefix)
 endfunction()
 
 # The documentation's tests come with the other tests. A build that picks
-# test suites (GPIPE_TEST_SUITES, as the sanitizer presets do) leaves them
-# out unless GPIPE_TEST_DOCS=ON asks for them.
+# test suites (GPIPE_TEST_SUITES, as the tsan preset does) leaves them out
+# unless GPIPE_TEST_DOCS=ON asks for them; the asan-ubsan preset, which
+# builds every suite, turns them off (they run the paths the suites test).
 if(GPIPE_TEST_SUITES)
   set(gpipe_docs_tests_default OFF)
 else()

@@ -9,6 +9,8 @@
 #       rewrites the rows: kept summaries stay, a new note's is the first
 #       sentence of its text (edit it to taste)
 cmake_minimum_required(VERSION 3.18)
+# A relative root (-D root=.) is taken from the current directory.
+get_filename_component(root "${root}" ABSOLUTE)
 set(page "${root}/docs/design.md")
 set(begin_marker "<!-- notes index: begin (cmake/docs/notes_index.cmake) -->")
 set(end_marker "<!-- notes index: end -->")
