@@ -148,10 +148,14 @@ TEST(
       torch::nn::Linear(3, 3), saboteur.layer(), torch::nn::Linear(3, 3));
   Pipe pipe(seq, GPipeOptions(2).microbatches(4));
   saboteur.fail_forward_on = 2;
-  const auto message = error_of([&] { pipe(torch::randn({8, 3})); });
-  EXPECT_EQ(
-      message,
-      "gpipe: partition 0 failed on micro-batch 2 in forward: saboteur struck in forward");
+  // The user's exception reaches the caller as itself, its cell recorded
+  // beside it (Note [Exceptions keep their type]).
+  const auto failure = gpipe_test::failure_of([&] {
+    pipe(torch::randn({8, 3}));
+  });
+  EXPECT_EQ(failure.type, "std::runtime_error");
+  EXPECT_EQ(failure.message, "saboteur struck in forward");
+  EXPECT_EQ(failure.cell, "partition 0, micro-batch 2, forward");
   saboteur.fail_forward_on = -1;
   pipe(torch::randn({8, 3})).sum().backward();
   EXPECT_TRUE(seq->parameters()[0].grad().defined());
@@ -168,12 +172,12 @@ void expect_backward_failure_reported_and_recovered(Checkpoint mode) {
   Pipe pipe(seq, GPipeOptions(2).microbatches(4).checkpoint(mode));
   // A batch of 7 in 4 micro-batches has rows 2, 2, 2, 1: only #3 has one.
   saboteur.fail_backward_rows = 1;
-  const auto message = error_of([&] {
+  const auto failure = gpipe_test::failure_of([&] {
     pipe(torch::randn({7, 3})).sum().backward();
   });
-  EXPECT_EQ(
-      message,
-      "gpipe: partition 1 failed on micro-batch 3 in backward: saboteur struck in backward");
+  EXPECT_EQ(failure.type, "std::runtime_error");
+  EXPECT_EQ(failure.message, "saboteur struck in backward");
+  EXPECT_EQ(failure.cell, "partition 1, micro-batch 3, backward");
   saboteur.fail_backward_rows = -1;
   pipe(torch::randn({8, 3})).sum().backward();
 }

@@ -269,11 +269,12 @@ TEST(Step, AFailingLossLeavesThePipeUsable) {
     }
     return torch::mse_loss(out, y);
   };
-  EXPECT_EQ(
-      error_of([&] {
-        pipe->step(torch::randn({4, 3}), torch::randn({4, 3}), loss_fn);
-      }),
-      "gpipe: partition 1 failed on micro-batch 0 in loss_fn: bad loss");
+  const auto failure = gpipe_test::failure_of([&] {
+    pipe->step(torch::randn({4, 3}), torch::randn({4, 3}), loss_fn);
+  });
+  EXPECT_EQ(failure.type, "std::runtime_error");
+  EXPECT_EQ(failure.message, "bad loss");
+  EXPECT_EQ(failure.cell, "partition 1, micro-batch 0, loss_fn");
   fail = false;
   EXPECT_TRUE(pipe->step(torch::randn({4, 3}), torch::randn({4, 3}), loss_fn)
                   .defined());

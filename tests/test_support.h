@@ -100,6 +100,42 @@ std::string error_of(Fn&& fn) {
   return "(no error)";
 }
 
+/// What `fn` threw: its type's name, its message (what(), or the value of
+/// an int) and its cell as gpipe::failed_cell recorded it ("partition 1,
+/// micro-batch 0, loss_fn"; "" when none).
+struct Failure {
+  std::string type;
+  std::string message;
+  std::string cell;
+};
+
+template <typename Fn>
+Failure failure_of(Fn&& fn) {
+  Failure failure{"(no exception)", "", ""};
+  try {
+    fn();
+    return failure;
+  } catch (...) {
+    failure.type = gpipe::detail::current_exception_type();
+    if (const auto cell = gpipe::failed_cell(std::current_exception())) {
+      failure.cell = "partition " + std::to_string(cell->partition) +
+          ", micro-batch " + std::to_string(cell->microbatch) + ", " +
+          cell->phase;
+    }
+    try {
+      throw;
+    } catch (const c10::Error& e) {
+      failure.message = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      failure.message = e.what();
+    } catch (int value) {
+      failure.message = std::to_string(value);
+    } catch (...) {
+    }
+  }
+  return failure;
+}
+
 /// A layer made of a function, for tests that need a layer to misbehave.
 inline torch::nn::Functional layer(
     std::function<torch::Tensor(torch::Tensor)> fn) {

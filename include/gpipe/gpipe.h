@@ -1,12 +1,13 @@
 // The one header users include: GPipe pipeline parallelism for LibTorch.
 //
 // The library only: options, schedules and programs, the pipe, skip
-// connections, recompute awareness, and the timeline hook. The tools are opt-in
-// headers: <gpipe/trace.h> (Chrome traces), <gpipe/chart.h> (schedule
-// pictures), <gpipe/memory.h> (memory meter) and <gpipe/balance.h> (profiling
-// and balancing).
+// connections, recompute awareness, failed cells, and the timeline hook. The
+// tools are opt-in headers: <gpipe/trace.h> (Chrome traces), <gpipe/chart.h>
+// (schedule pictures), <gpipe/memory.h> (memory meter) and <gpipe/balance.h>
+// (profiling and balancing).
 #pragma once
 
+#include <gpipe/failure.h>
 #include <gpipe/options.h>
 #include <gpipe/pipe.h>
 #include <gpipe/program.h>

@@ -254,12 +254,20 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
   return failures == 0 ? 0 : 1;
 }
 
+/// A user's own exception type (Note [Exceptions keep their type]).
+struct TrapSprang : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 /// Raises the fault `kind` on rank `at` from its second step on.
 struct TrapImpl : torch::nn::Module {
   torch::Tensor forward(torch::Tensor x) {
     if (armed) {
       if (kind == "throw") {
-        throw std::runtime_error("the trap sprang in forward");
+        throw TrapSprang("the trap sprang in forward");
+      }
+      if (kind == "int") {
+        throw 7;
       }
       if (kind == "exit") {
         std::exit(3);
@@ -316,8 +324,20 @@ int fault(const std::shared_ptr<gd::World>& world) {
         }
         return torch::mse_loss(out, t);
       });
-    } catch (const std::exception& e) {
-      std::string message = e.what();
+    } catch (...) {
+      // The rank that failed gets its own exception, as itself.
+      std::string message;
+      try {
+        throw;
+      } catch (const TrapSprang& e) {
+        std::cout << "RESULT type=TrapSprang" << std::endl;
+        message = e.what();
+      } catch (int value) {
+        std::cout << "RESULT type=int" << std::endl;
+        message = "int " + std::to_string(value);
+      } catch (const std::exception& e) {
+        message = e.what();
+      }
       message = message.substr(0, message.find('\n'));
       std::cout << "RESULT error=" << message << std::endl;
       std::cout << "RESULT seconds="
@@ -789,6 +809,31 @@ TEST(
   EXPECT_NE(
       outcomes[0].result("error").find("micro-batch 0"), std::string::npos)
       << outcomes[0];
+}
+
+TEST(
+    Distributed,
+    TheFailingRankCatchesItsOwnExceptionTypeAndItsPeersReadTheTypesName) {
+  // A user's type and an int: the rank that threw catches it as itself;
+  // the others get a gpipe: error naming the rank, the cell and the type.
+  for (const auto& [kind, type, cause] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"throw", "TrapSprang", "TrapSprang: the trap sprang in forward"},
+           {"int", "int", "in forward: int"}}) {
+    const auto outcomes = mp::run(
+        {"fault", "kind=" + kind + ",at=1,timeout_ms=20000", /*world=*/2});
+    ASSERT_EQ(outcomes.size(), 2u);
+    EXPECT_EQ(outcomes[1].result("type"), type) << outcomes[1];
+    EXPECT_EQ(outcomes[0].result("type"), "") << outcomes[0];
+    EXPECT_NE(
+        outcomes[0].result("error").find(
+            "gpipe: rank 1 (stage 1) failed: gpipe: partition 1 failed on "
+            "micro-batch 0 in forward: "),
+        std::string::npos)
+        << outcomes[0];
+    EXPECT_NE(outcomes[0].result("error").find(cause), std::string::npos)
+        << outcomes[0];
+  }
 }
 
 TEST(

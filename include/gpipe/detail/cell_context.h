@@ -6,6 +6,8 @@
 // its context) is one decision to make in one place.
 #pragma once
 
+#include <gpipe/failure.h>
+
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -31,10 +33,12 @@ inline bool starts_with_cell_context(const std::string& text) {
   return text.rfind("gpipe: partition ", 0) == 0;
 }
 
-/// Calls `fn`; an error escaping it learns which cell failed and in what. A
-/// c10::Error keeps its type (a c10::OutOfMemoryError stays catchable as
-/// one) and gets the cell as context; any other exception becomes a
-/// c10::Error whose message starts with the cell. Context is added once.
+/// Calls `fn`; an error escaping it learns which cell failed and in what
+/// (Note [Exceptions keep their type]). Whatever its type, the exception
+/// that leaves is the one thrown, and its cell is recorded for
+/// `gpipe::failed_cell`; a c10::Error also gets the cell as context (a
+/// c10::OutOfMemoryError stays catchable as one). Context is added, and
+/// the cell recorded, once: by the innermost cell.
 template <typename Fn>
 decltype(auto) with_cell_context(
     const CellIndex& cell,
@@ -50,12 +54,13 @@ decltype(auto) with_cell_context(
     if (!known) {
       e.add_context(cell_context(cell, phase));
     }
+    FailedCells::instance().record(
+        std::current_exception(), {cell.partition, cell.microbatch, phase});
     throw;
-  } catch (const std::exception& e) {
-    if (starts_with_cell_context(e.what())) {
-      throw;
-    }
-    TORCH_CHECK(false, cell_context(cell, phase), ": ", e.what());
+  } catch (...) {
+    FailedCells::instance().record(
+        std::current_exception(), {cell.partition, cell.microbatch, phase});
+    throw;
   }
 }
 

@@ -312,10 +312,12 @@ class DistributedGPipeImpl : public torch::nn::Module {
           run_step(transport, std::move(input), is_list, target, loss_fn);
       transport.finish_sends();
       return loss;
-    } catch (const std::exception& e) {
+    } catch (...) {
+      // Note [Exceptions keep their type]: this rank rethrows its own; its
+      // peers read the type and message (the first post wins).
       broken_ = true;
-      broken_reason_ = e.what();
-      board_->post_failure(e.what(), describe(world_->rank())); // first wins
+      broken_reason_ = describe_current_exception();
+      board_->post_failure(broken_reason_, describe(world_->rank()));
       transport.abort();
       throw;
     }
