@@ -9,9 +9,13 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <dirent.h>
+
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <set>
@@ -536,6 +540,85 @@ int configuration(const std::shared_ptr<gd::World>& world) {
   }
 }
 
+/// Resident memory from /proc/self/status, in KiB.
+int64_t rss_kib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) {
+      return std::stoll(line.substr(6));
+    }
+  }
+  return -1;
+}
+
+/// Entries of a /proc folder (open descriptors, threads).
+int64_t entries_of(const char* path) {
+  DIR* dir = opendir(path);
+  int64_t n = 0;
+  while (const dirent* entry = dir ? readdir(dir) : nullptr) {
+    n += entry->d_name[0] != '.';
+  }
+  if (dir) {
+    closedir(dir);
+  }
+  return n;
+}
+
+/// Trains `steps` steps of 1F1B with a timeline read every millisecond by
+/// another thread, and reports RSS, descriptors and threads at step 100
+/// and at the end (issue 24's soak across ranks).
+int soak(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const int64_t steps = arg(args, "steps", 300);
+  gd::DistributedGPipe pipe(
+      world,
+      make_model(),
+      gd::DistributedOptions(world->size())
+          .microbatches(4)
+          .schedule(Schedule::OneFOneB));
+  auto timeline =
+      std::make_shared<gpipe::Timeline>(gpipe::TimelineOptions().window(1024));
+  pipe->set_timeline(timeline);
+  std::atomic<bool> done{false};
+  int64_t reads = 0;
+  size_t most = 0;
+  std::thread reader([&] {
+    while (!done) {
+      most = std::max(most, timeline->events().size());
+      ++reads;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  torch::optim::SGD sgd(pipe->parameters(), 0.01);
+  const auto x = torch::randn({16, 5}, torch::kFloat64);
+  const auto y = torch::randn({16, 5}, torch::kFloat64);
+  int64_t rss_mark = 0, fds_mark = 0, threads_mark = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    if (step == std::min<int64_t>(100, steps / 3)) {
+      rss_mark = rss_kib();
+      fds_mark = entries_of("/proc/self/fd");
+      threads_mark = entries_of("/proc/self/task");
+    }
+    sgd.zero_grad();
+    pipe->step(x, y, [](const torch::Tensor& out, const torch::Tensor& t) {
+      return loss_of(out, t, Reduction::Mean);
+    });
+    sgd.step();
+  }
+  done = true;
+  reader.join();
+  std::cout << "RESULT rss_mark_kib=" << rss_mark << std::endl;
+  std::cout << "RESULT rss_end_kib=" << rss_kib() << std::endl;
+  std::cout << "RESULT fds=" << fds_mark << "->" << entries_of("/proc/self/fd")
+            << std::endl;
+  std::cout << "RESULT threads=" << threads_mark << "->"
+            << entries_of("/proc/self/task") << std::endl;
+  std::cout << "RESULT most_slices=" << most << std::endl;
+  std::cout << "RESULT reads=" << reads << std::endl;
+  return 0;
+}
+
 int run_scenario(const std::string& scenario) {
   torch::set_num_threads(1);
   const auto args = mp::arguments();
@@ -563,6 +646,9 @@ int run_scenario(const std::string& scenario) {
   }
   if (scenario == "configuration") {
     return configuration(world);
+  }
+  if (scenario == "soak") {
+    return soak(world);
   }
   std::cout << "unknown scenario " << scenario << std::endl;
   return 1;
@@ -809,6 +895,42 @@ TEST(
   EXPECT_NE(
       outcomes[0].result("error").find("micro-batch 0"), std::string::npos)
       << outcomes[0];
+}
+
+TEST(Distributed, TwoRanksTrainLongWithATimelineReadAndNothingGrows) {
+  // Short form here; the long form is GPIPE_SOAK_STEPS=1000 (or more) with
+  // --gtest_filter=Distributed.TwoRanksTrainLong*.
+  const char* asked = std::getenv("GPIPE_SOAK_STEPS");
+  const std::string steps = asked != nullptr ? asked : "300";
+  for (const auto& outcome :
+       mp::run({"soak", "steps=" + steps + ",timeout_ms=20000", /*world=*/2})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    std::cout << "rank " << outcome.rank << ": " << steps << " steps, RSS "
+              << outcome.result("rss_mark_kib") << " -> "
+              << outcome.result("rss_end_kib") << " KiB, fds "
+              << outcome.result("fds") << ", threads "
+              << outcome.result("threads") << ", slices at most "
+              << outcome.result("most_slices") << " of 1024, "
+              << outcome.result("reads") << " reads" << std::endl;
+    // Nothing grows: descriptors and threads exactly, the timeline within
+    // its window, RSS within 16 MiB (glibc's heap moves by a few MiB
+    // between readings of one steady state; a leak of one step's
+    // activations per step would be tens of MiB).
+    const auto fds = outcome.result("fds");
+    const auto threads = outcome.result("threads");
+    EXPECT_EQ(fds.substr(0, fds.find("->")), fds.substr(fds.find("->") + 2))
+        << outcome;
+    EXPECT_EQ(
+        threads.substr(0, threads.find("->")),
+        threads.substr(threads.find("->") + 2))
+        << outcome;
+    EXPECT_LE(std::stoll("0" + outcome.result("most_slices")), 1024) << outcome;
+    EXPECT_LT(
+        std::stoll("0" + outcome.result("rss_end_kib")) -
+            std::stoll("0" + outcome.result("rss_mark_kib")),
+        16 * 1024)
+        << outcome;
+  }
 }
 
 TEST(
