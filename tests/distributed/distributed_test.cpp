@@ -912,18 +912,21 @@ TEST(Distributed, TwoRanksTrainLongWithATimelineReadAndNothingGrows) {
               << outcome.result("threads") << ", slices at most "
               << outcome.result("most_slices") << " of 1024, "
               << outcome.result("reads") << " reads" << std::endl;
-    // Nothing grows: descriptors and threads exactly, the timeline within
+    // Nothing grows: descriptors and threads (a helper thread may end), the
+    // timeline within
     // its window, RSS within 16 MiB (glibc's heap moves by a few MiB
     // between readings of one steady state; a leak of one step's
     // activations per step would be tens of MiB).
     const auto fds = outcome.result("fds");
     const auto threads = outcome.result("threads");
-    EXPECT_EQ(fds.substr(0, fds.find("->")), fds.substr(fds.find("->") + 2))
-        << outcome;
-    EXPECT_EQ(
-        threads.substr(0, threads.find("->")),
-        threads.substr(threads.find("->") + 2))
-        << outcome;
+    auto at_mark = [](const std::string& text) {
+      return std::stoll("0" + text.substr(0, text.find("->")));
+    };
+    auto at_end = [](const std::string& text) {
+      return std::stoll("0" + text.substr(text.find("->") + 2));
+    };
+    EXPECT_LE(at_end(fds), at_mark(fds)) << outcome;
+    EXPECT_LE(at_end(threads), at_mark(threads)) << outcome;
     EXPECT_LE(std::stoll("0" + outcome.result("most_slices")), 1024) << outcome;
     EXPECT_LT(
         std::stoll("0" + outcome.result("rss_end_kib")) -
