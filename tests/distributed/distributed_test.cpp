@@ -754,6 +754,99 @@ void expect_all_succeeded(const std::vector<mp::Outcome>& outcomes) {
   }
 }
 
+// Note [Receives are posted ahead], without processes: which receives a
+// lane posts, how far ahead, and in what order.
+
+gd::detail::LaneReceives receives_of_lane(
+    Schedule schedule,
+    int64_t stages,
+    int64_t m,
+    int64_t lane) {
+  const auto program =
+      gpipe::build_program(schedule, stages, m, round_robin(stages, stages));
+  return gd::detail::receives_of(program.lanes[static_cast<size_t>(lane)]);
+}
+
+TEST(ReceivesAhead, FillDrainPostsEveryForwardReceiveOfTheStepAtItsStart) {
+  for (int64_t j = 0; j < 4; ++j) {
+    const auto receives = receives_of_lane(Schedule::FillDrain, 4, 8, j);
+    EXPECT_EQ(receives.depth, 8u) << "stage " << j;
+    EXPECT_EQ(receives.tags.size(), (j > 0 ? 8u : 0u) + (j < 3 ? 8u : 0u))
+        << "stage " << j;
+  }
+}
+
+TEST(ReceivesAhead, OneFOneBPostsAsFarAheadAsItsStageHoldsMicrobatches) {
+  for (int64_t j = 0; j < 4; ++j) {
+    const auto receives = receives_of_lane(Schedule::OneFOneB, 4, 8, j);
+    EXPECT_EQ(receives.depth, static_cast<size_t>(std::max<int64_t>(2, 4 - j)))
+        << "stage " << j;
+  }
+  // A split backward holds a micro-batch until its W.
+  EXPECT_GE(receives_of_lane(Schedule::ZeroBubbleH1, 4, 8, 0).depth, 4u);
+}
+
+TEST(ReceivesAhead, KeepsTheNextDepthReceivesPostedInProgramOrder) {
+  auto receives = receives_of_lane(Schedule::FillDrain, 3, 6, 1);
+  receives.depth = 2;
+  const auto tags = receives.tags;
+  std::vector<gpipe::detail::Tag> posted;
+  const gd::detail::ReceivesAhead::Post post = [&](const auto& tag) {
+    posted.push_back(tag);
+    gd::detail::PostedReceive receive;
+    receive.tag = tag;
+    return std::optional<gd::detail::PostedReceive>(std::move(receive));
+  };
+  gd::detail::ReceivesAhead ahead;
+  ahead.begin(receives);
+  for (size_t k = 0; k < tags.size(); ++k) {
+    const auto taken = ahead.take(tags[k], post);
+    ASSERT_TRUE(taken.has_value()) << k;
+    EXPECT_TRUE(gd::detail::same_tag(taken->tag, tags[k])) << k;
+    // The one taken and the two after it have been posted, no more.
+    EXPECT_EQ(posted.size(), std::min(tags.size(), k + 3)) << k;
+  }
+  for (size_t k = 0; k < tags.size(); ++k) {
+    EXPECT_TRUE(gd::detail::same_tag(posted[k], tags[k])) << k;
+  }
+  EXPECT_TRUE(ahead.drained());
+}
+
+TEST(ReceivesAhead, AReceiveWhoseShapesAreNotAgreedIsLeftToTheLane) {
+  const auto receives = receives_of_lane(Schedule::OneFOneB, 3, 4, 1);
+  const auto& tags = receives.tags;
+  // The third receive cannot be posted ahead; the others can.
+  const gd::detail::ReceivesAhead::Post post =
+      [&](const auto& tag) -> std::optional<gd::detail::PostedReceive> {
+    if (gd::detail::same_tag(tag, tags[2])) {
+      return std::nullopt;
+    }
+    gd::detail::PostedReceive receive;
+    receive.tag = tag;
+    return receive;
+  };
+  gd::detail::ReceivesAhead ahead;
+  ahead.begin(receives);
+  for (size_t k = 0; k < tags.size(); ++k) {
+    EXPECT_EQ(ahead.take(tags[k], post).has_value(), k != 2) << k;
+  }
+  EXPECT_TRUE(ahead.drained());
+}
+
+TEST(ReceivesAhead, AReceiveOutOfProgramOrderIsAnInternalError) {
+  const auto receives = receives_of_lane(Schedule::FillDrain, 3, 4, 1);
+  gd::detail::ReceivesAhead ahead;
+  ahead.begin(receives);
+  const gd::detail::ReceivesAhead::Post post = [](const auto&) {
+    return std::optional<gd::detail::PostedReceive>();
+  };
+  EXPECT_NE(
+      gpipe_test::error_of([&] { ahead.take(receives.tags[1], post); })
+          .find("where its program has the activation for stage 1, "
+                "micro-batch 0"),
+      std::string::npos);
+}
+
 TEST(
     Distributed,
     TwoRanksTrainLikePlainOnEveryScheduleCheckpointModeAndMicrobatchCount) {

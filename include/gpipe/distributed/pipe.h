@@ -310,7 +310,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
       detail::Watchdog watchdog(*board_, [&transport] { transport.abort(); });
       auto loss =
           run_step(transport, std::move(input), is_list, target, loss_fn);
-      transport.finish_sends();
+      transport.messages().finish_sends();
       return loss;
     } catch (...) {
       // Note [Exceptions keep their type]: this rank rethrows its own; its
@@ -342,14 +342,14 @@ class DistributedGPipeImpl : public torch::nn::Module {
           input, std::min(options.microbatches(), input.front().size(0)));
       header = detail::StepHeader::of(input, inputs.size(), is_list);
       for (int64_t p = 1; p < options.stages(); ++p) {
-        transport.send_control(
+        transport.messages().send_control(
             header.message(),
             placement_.replica * options.stages() + p,
             kBatch);
       }
     } else {
       auto message = detail::StepHeader().message();
-      transport.recv_control(
+      transport.messages().recv_control(
           message, first_rank, kBatch, "the batch size of this step");
       header = detail::StepHeader::from(message);
     }
@@ -401,26 +401,36 @@ class DistributedGPipeImpl : public torch::nn::Module {
         /*needs_graph=*/true);
     gpipe::detail::Executor executor(program, runner, transport);
     transport.begin(
-        call.get(), signature, options.agree_shapes_every_step(), by_order);
+        call.get(),
+        signature,
+        options.agree_shapes_every_step(),
+        by_order,
+        detail::receives_of(
+            program.lanes[static_cast<size_t>(placement_.position)]));
+    // The loss's receive too is posted ahead (Note [Receives are posted
+    // ahead]).
+    auto loss = torch::zeros({1}, torch::kFloat64);
+    if (!is_last()) {
+      transport.messages().post_control(loss, last_rank, kLoss);
+    }
     {
       c10::DeviceGuard on_device(options.device());
       executor.run_one_lane(static_cast<size_t>(placement_.position));
     }
-    transport.rethrow_if_aborted();
+    transport.messages().rethrow_if_aborted();
     transport.end();
     lane_gradients.deliver();
     call->lane_gradients = nullptr;
     // The loss: known to the last stage, told to the others.
-    auto loss = torch::zeros({1}, torch::kFloat64);
     if (is_last()) {
       loss[0] =
           runner.total_loss().to(torch::kCPU, torch::kFloat64).item<double>();
       for (int64_t p = 0; p + 1 < options.stages(); ++p) {
-        transport.send_control(
+        transport.messages().send_control(
             loss.clone(), placement_.replica * options.stages() + p, kLoss);
       }
     } else {
-      transport.recv_control(loss, last_rank, kLoss, "the loss of this step");
+      transport.messages().wait_control(kLoss, "the loss of this step");
     }
     if (replicas_) {
       loss = replicas_->reduce(

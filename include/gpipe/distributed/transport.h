@@ -25,7 +25,9 @@
 #include <gpipe/distributed/bundle_header.h>
 #include <gpipe/distributed/failure.h>
 #include <gpipe/distributed/options.h>
+#include <gpipe/distributed/peer_messages.h>
 #include <gpipe/distributed/placement.h>
+#include <gpipe/distributed/receives_ahead.h>
 #include <gpipe/distributed/world.h>
 
 #include <c10/util/Exception.h>
@@ -39,14 +41,17 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <iterator>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace gpipe::distributed::detail {
@@ -105,12 +110,36 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       std::function<std::string(int64_t rank)> describe,
       std::chrono::milliseconds timeout,
       OrderedPath ordered_path = {})
-      : group_(std::move(group)),
+      : messages_(std::move(group), board, std::move(describe), timeout),
         rank_of_stage_(std::move(rank_of_stage)),
-        board_(board),
-        describe_(std::move(describe)),
-        timeout_(timeout),
         path_(std::move(ordered_path)) {}
+
+  ~ProcessGroupTransport() override {
+    // Only a failed step leaves receives posted (peer_messages.h).
+    messages_.abandon(ahead_.release());
+  }
+
+  ProcessGroupTransport(const ProcessGroupTransport&) = delete;
+  ProcessGroupTransport& operator=(const ProcessGroupTransport&) = delete;
+
+  /// The rank's messages: control messages, sends to finish, failures.
+  PeerMessages& messages() {
+    return messages_;
+  }
+
+  /// Aborts every pending message; the blocked receive throws the posted
+  /// failure (Note [A failed rank stops every rank]).
+  void abort() override {
+    messages_.abort();
+    if (path_.coalesce) {
+      // NCCL's kernels wait on the GPU, where aborting a Work cannot reach
+      // them: aborting the communicator ends them.
+      try {
+        path_.group->abort();
+      } catch (...) {
+      }
+    }
+  }
 
   /// Whether a step under `signature` may go by order: an earlier step of
   /// that signature completed, so both ends of every message hold its
@@ -122,11 +151,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   /// A step starts (Note [Shapes are agreed once per batch shape]):
   /// `call`'s `output_is_list` flags are what headers carry and set;
   /// headers agreed under `signature` are reused unless `agree_every_time`.
+  /// `receives` lists the lane's receives in program order, to post ahead
+  /// (Note [Receives are posted ahead]).
   void begin(
       gpipe::detail::PipeCall* call,
       int64_t signature,
       bool agree_every_time,
-      bool ordered = false) {
+      bool ordered = false,
+      LaneReceives receives = {}) {
     TORCH_INTERNAL_ASSERT(
         !ordered || (can_order(signature) && !agree_every_time),
         "gpipe: a step by order before its shapes were agreed");
@@ -134,10 +166,13 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     agree_every_time_ = agree_every_time;
     ordered_ = ordered;
     headers_.begin(signature);
+    ahead_.begin(std::move(receives));
   }
 
   /// The step's lane ended without an error on this rank.
   void end() {
+    TORCH_INTERNAL_ASSERT(
+        ahead_.drained(), "gpipe: a lane ended with receives still posted");
     call_ = nullptr;
     if (!agree_every_time_) {
       headers_.complete();
@@ -164,7 +199,8 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         "gpipe: no agreed header for the ",
         to_string(tag));
     if (agree_every_time_ || agreed == nullptr) {
-      post_send(torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
+      messages_.post_send(
+          torch::tensor(header, torch::kInt64), peer, wire_tag(tag, 0));
       if (!agree_every_time_) {
         headers_.agree(tag, std::move(header));
       }
@@ -193,7 +229,7 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
              true,
              to_string(tag)});
       } else {
-        post_send(
+        messages_.post_send(
             tensors[k].detach().to(torch::kCPU).contiguous(),
             peer,
             wire_tag(tag, static_cast<int64_t>(k + 1)));
@@ -205,8 +241,16 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       const Tag& tag,
       const std::optional<std::vector<gpipe::detail::TensorMeta>>& expected)
       override {
-    const int64_t from =
-        tag.direction == Direction::Forward ? tag.stage - 1 : tag.stage + 1;
+    if (auto posted = ahead_.take(
+            tag, [this](const Tag& t) { return post_receive(t); })) {
+      const std::string what = to_string(tag);
+      for (const auto& work : posted->works) {
+        messages_.wait(work, posted->peer, what);
+      }
+      gpipe::detail::check_received(tag, posted->tensors, expected);
+      return std::move(posted->tensors);
+    }
+    const int64_t from = sender_of(tag);
     const int64_t peer = rank_of_stage_[static_cast<size_t>(from)];
     const std::string what = to_string(tag);
     const auto* agreed = headers_.find(tag);
@@ -216,7 +260,7 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         what);
     if (agree_every_time_ || agreed == nullptr) {
       auto received = torch::empty({kHeaderSize}, torch::kInt64);
-      receive_into(received, peer, wire_tag(tag, 0), what);
+      messages_.receive_into(received, peer, wire_tag(tag, 0), what);
       const int64_t* data = received.data_ptr<int64_t>();
       std::vector<int64_t> header(data, data + kHeaderSize);
       if (agree_every_time_) {
@@ -230,7 +274,7 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         h,
         ordered_ ? path_.device : torch::Device(torch::kCPU),
         what,
-        describe_(peer));
+        messages_.describe(peer));
     if (tag.direction == Direction::Forward && call_ != nullptr) {
       call_->output_is_list[static_cast<size_t>(from)].store(h[1] ? 1 : 0);
     }
@@ -247,68 +291,12 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
              false,
              what});
       } else {
-        receive_into(
+        messages_.receive_into(
             tensor, peer, wire_tag(tag, static_cast<int64_t>(k + 1)), what);
       }
     }
     gpipe::detail::check_received(tag, tensors, expected);
     return tensors;
-  }
-
-  /// Posts a control message (a step's batch, its loss) to `peer`.
-  void send_control(torch::Tensor message, int64_t peer, int64_t kind) {
-    post_send(std::move(message), peer, control_tag(kind));
-  }
-
-  /// Receives a control message of known size into `into`.
-  void recv_control(
-      torch::Tensor& into,
-      int64_t peer,
-      int64_t kind,
-      const std::string& what) {
-    receive_into(into, peer, control_tag(kind), what);
-  }
-
-  /// Waits for every send posted (Note [Sends complete when received]).
-  void finish_sends() {
-    std::vector<Pending> sends;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      sends.swap(sends_);
-    }
-    for (auto& send : sends) {
-      wait(send.work, send.peer, "a message it was sent");
-    }
-  }
-
-  /// Aborts every pending message; the blocked receive throws the posted
-  /// failure (Note [A failed rank stops every rank]).
-  void abort() override {
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      aborted_ = true;
-      for (auto& send : sends_) {
-        works.push_back(send.work);
-      }
-      if (waiting_) {
-        works.push_back(waiting_);
-      }
-    }
-    for (auto& work : works) {
-      try {
-        work->abort();
-      } catch (...) {
-      }
-    }
-    if (path_.coalesce) {
-      // NCCL's kernels wait on the GPU, where aborting a Work cannot reach
-      // them: aborting the communicator ends them.
-      try {
-        path_.group->abort();
-      } catch (...) {
-      }
-    }
   }
 
   /// Issues the queued batch (Note [Ordered steps]).
@@ -335,15 +323,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
         }
         work = group.endCoalescing();
       } catch (const std::exception& e) {
-        throw_posted_failure(batch.front().peer, what, e.what());
+        messages_.throw_posted_failure(batch.front().peer, what, e.what());
       }
       // NCCL's wait makes the current stream wait: the lane's next
       // computation reads what arrived only after it has.
-      wait(work, batch.front().peer, what);
-      std::lock_guard<std::mutex> lock(mutex_);
+      messages_.wait(work, batch.front().peer, what);
       for (auto& message : batch) {
         if (message.is_send) {
-          sends_.push_back({work, message.peer, std::move(message.tensor)});
+          messages_.keep_send(work, message.peer, std::move(message.tensor));
         }
       }
       return;
@@ -358,29 +345,12 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
                           : group.recv(tensors, peer, tag));
     }
     for (size_t k = 0; k < works.size(); ++k) {
-      wait(
+      messages_.wait(
           works[k],
           batch[k].peer,
           batch[k].is_send ? "the receive of the " + batch[k].what
                            : batch[k].what);
     }
-  }
-
-  /// Throws the posted failure if the watchdog aborted this rank's messages
-  /// (over NCCL, a lane may run to its end on aborted messages).
-  void rethrow_if_aborted() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!aborted_) {
-        return;
-      }
-    }
-    const auto posted = board_.find_within(std::chrono::milliseconds(1000));
-    TORCH_CHECK(
-        false,
-        "gpipe: ",
-        posted ? *posted : std::string("another rank failed"),
-        " (seen at the end of this rank's lane)");
   }
 
  private:
@@ -392,96 +362,51 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
     std::string what;
   };
 
-  struct Pending {
-    c10::intrusive_ptr<c10d::Work> work;
-    int64_t peer;
-    torch::Tensor keep; // read by Gloo until the send completes
-  };
-
-  void post_send(torch::Tensor tensor, int64_t peer, int tag) {
-    std::vector<torch::Tensor> tensors{tensor};
-    auto work = group_->send(tensors, static_cast<int>(peer), tag);
-    std::lock_guard<std::mutex> lock(mutex_);
-    sends_.push_back({std::move(work), peer, std::move(tensor)});
+  static int64_t sender_of(const Tag& tag) {
+    return tag.direction == Direction::Forward ? tag.stage - 1 : tag.stage + 1;
   }
 
-  void receive_into(
-      torch::Tensor& tensor,
-      int64_t peer,
-      int tag,
-      const std::string& what) {
-    std::vector<torch::Tensor> tensors{tensor};
-    auto work = group_->recv(tensors, static_cast<int>(peer), tag);
-    wait(work, peer, what);
-  }
-
-  void wait(
-      const c10::intrusive_ptr<c10d::Work>& work,
-      int64_t peer,
-      const std::string& what) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (aborted_) {
-        throw_posted_failure(peer, what, "");
+  /// Posts the receive of `tag` when its header is agreed and it goes by
+  /// tag (Note [Receives are posted ahead]).
+  std::optional<PostedReceive> post_receive(const Tag& tag) {
+    const auto* agreed = headers_.find(tag);
+    if (ordered_ || agree_every_time_ || agreed == nullptr) {
+      return std::nullopt;
+    }
+    const int64_t from = sender_of(tag);
+    PostedReceive posted;
+    posted.tag = tag;
+    posted.peer = rank_of_stage_[static_cast<size_t>(from)];
+    posted.tensors = allocate_from_header(
+        agreed->data(),
+        torch::kCPU,
+        to_string(tag),
+        messages_.describe(posted.peer));
+    if (tag.direction == Direction::Forward && call_ != nullptr) {
+      call_->output_is_list[static_cast<size_t>(from)].store(
+          (*agreed)[1] ? 1 : 0);
+    }
+    for (size_t k = 0; k < posted.tensors.size(); ++k) {
+      if (posted.tensors[k].defined()) {
+        posted.works.push_back(messages_.post_receive(
+            posted.tensors[k],
+            posted.peer,
+            wire_tag(tag, static_cast<int64_t>(k + 1))));
       }
-      waiting_ = work;
     }
-    bool completed = false;
-    std::string error;
-    try {
-      completed = work->wait();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      waiting_.reset();
-    }
-    if (completed && error.empty()) {
-      return;
-    }
-    throw_posted_failure(peer, what, error);
+    return posted;
   }
 
-  [[noreturn]] void throw_posted_failure(
-      int64_t peer,
-      const std::string& what,
-      const std::string& error) {
-    const auto posted =
-        board_.find_within(std::chrono::milliseconds(error.empty() ? 0 : 1000));
-    if (posted) {
-      TORCH_CHECK(false, "gpipe: ", *posted);
-    }
-    const bool timed_out = error.find("imed out") != std::string::npos;
-    TORCH_CHECK(
-        false,
-        "gpipe: ",
-        describe_(peer),
-        timed_out ? " sent nothing for " + std::to_string(timeout_.count()) +
-                " ms (stuck, or slower than WorldOptions::timeout)"
-                  : " failed or exited without reporting an error",
-        " while this rank waited for ",
-        what,
-        error.empty() ? "" : " (" + error + ")");
-    throw; // unreachable: TORCH_CHECK(false) throws
-  }
-
-  c10::intrusive_ptr<c10d::Backend> group_;
+  PeerMessages messages_;
   std::vector<int64_t> rank_of_stage_;
-  FailureBoard& board_;
-  std::function<std::string(int64_t)> describe_;
-  std::chrono::milliseconds timeout_;
   OrderedPath path_;
   bool ordered_ = false; // this step
   std::vector<Queued> queue_; // by order, not yet issued
+  ReceivesAhead ahead_; // by tag, posted before the lane needs them
   AgreedHeaders headers_;
   gpipe::detail::PipeCall* call_ = nullptr;
   bool agree_every_time_ = false;
   std::vector<int64_t> last_header_; // when agreeing every time
-  std::mutex mutex_;
-  std::vector<Pending> sends_;
-  c10::intrusive_ptr<c10d::Work> waiting_;
-  bool aborted_ = false;
 };
 
 } // namespace gpipe::distributed::detail
