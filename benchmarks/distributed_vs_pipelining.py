@@ -50,14 +50,20 @@ SCHEDULES = ("gpipe", "1f1b")
 # The small model is all per-step overhead (messages, scheduling, Python);
 # the large one is compute-bound: on 2 cores one step of it takes about
 # 150-200 ms with torch.distributed.pipelining.
+# The zero-cost model (one Linear(1, 1) + ReLU per stage, one sample per
+# micro-batch) is the floor: its step is all messages and bookkeeping, and
+# gpipe's launches also measure one message's one-way latency in C++
+# (--ping-pong) and the step's critical path in messages, whose product is
+# the least a step can cost.
 CONFIGS = [
+    ("zero-cost", dict(layers=4, width=1, batch=8, microbatches=8)),
     ("small", dict(layers=8, width=64, batch=32, microbatches=8)),
     ("large", dict(layers=8, width=1024, batch=64, microbatches=8)),
 ]
 # (steps, warmup) per configuration. Each launch also pays a few seconds of
 # process start-up and `import torch`, which is not measured.
-STEPS = {"small": (100, 10), "large": (30, 3)}
-QUICK_STEPS = {"small": (20, 3), "large": (6, 2)}
+STEPS = {"zero-cost": (200, 10), "small": (100, 10), "large": (30, 3)}
+QUICK_STEPS = {"zero-cost": (30, 3), "small": (20, 3), "large": (6, 2)}
 
 
 def parse_args():
@@ -79,10 +85,25 @@ def parse_args():
         "--timeout", type=float, default=600, help="seconds before a launch is killed"
     )
     p.add_argument("--output", help="also write every launch's JSON here")
+    p.add_argument(
+        "--spin-one-core",
+        action="store_true",
+        help="run everything beside a process that keeps one core busy "
+        "(how each runtime degrades under CPU contention)",
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(name for name, _ in CONFIGS),
+        help="comma-separated configurations to run (default: all)",
+    )
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     args.impls = (args.only,) if args.only else IMPLS
+    args.configs = args.configs.split(",")
+    unknown = set(args.configs) - {name for name, _ in CONFIGS}
+    if unknown:
+        p.error(f"unknown --configs {sorted(unknown)}")
     if any(impl in GPIPE_FLAGS for impl in args.impls):
         if not args.gpipe_binary:
             p.error("--gpipe-binary is required (or --only pipelining)")
@@ -156,6 +177,8 @@ def run_one(impl, schedule, config, steps, warmup, args, env):
         # Nor is drawing the last step's schedule (an SVG in the current
         # folder).
         flags += ["--picture", "none"]
+        if config["width"] == 1:  # the zero-cost model: measure the floor
+            flags += ["--ping-pong", "200"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nproc-per-node", str(NPROC),
@@ -223,12 +246,26 @@ def main():
     args = parse_args()
     env = launch_env(args.torch_path)
     steps_table = QUICK_STEPS if args.quick else STEPS
-    rows, raw = [], []
+    rows, raw, floors = [], [], []
+    spinner = None
+    if args.spin_one_core:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        return run_all(args, env, steps_table, rows, raw, floors)
+    finally:
+        if spinner:
+            spinner.kill()
+            spinner.wait()
 
+
+def run_all(args, env, steps_table, rows, raw, floors):
     for name, config in CONFIGS:
+        if name not in args.configs:
+            continue
         steps, warmup = steps_table[name]
         for schedule in SCHEDULES:
             best = {impl: None for impl in args.impls}  # min step_ms_median
+            floor = None  # min over gpipe launches of latency x messages
             rss = {impl: None for impl in args.impls}  # max peak RSS, any rank
             for r in range(args.rounds):
                 for impl in args.impls:
@@ -241,6 +278,9 @@ def main():
                         return 1
                     raw.append(dict(res, configuration=name, round=r))
                     ms, mb = res["step_ms_median"], max(res["peak_rss_mb"])
+                    if res.get("critical_path_messages"):
+                        f = res["one_way_us"] * res["critical_path_messages"] / 1e3
+                        floor = f if floor is None else min(floor, f)
                     best[impl] = ms if best[impl] is None else min(best[impl], ms)
                     rss[impl] = mb if rss[impl] is None else max(rss[impl], mb)
                     print(
@@ -253,6 +293,10 @@ def main():
                 f"{name} (L={config['layers']} W={config['width']} "
                 f"B={config['batch']} M={config['microbatches']})"
             )
+            if floor is not None:
+                floors.append((schedule, floor, best.get("gpipe"),
+                               best.get("gpipe_by_order"),
+                               best.get("pipelining")))  # fmt: skip
             rows.append((label, schedule, best.get("gpipe"),
                          best.get("gpipe_by_order"), best.get("pipelining"),
                          rss.get("gpipe"), rss.get("pipelining")))  # fmt: skip
@@ -260,7 +304,9 @@ def main():
     print(
         f"\ngpipe vs torch.distributed.pipelining, {NPROC} CPU processes over "
         f"Gloo, OMP_NUM_THREADS=1; min over {args.rounds} round(s) of the median "
-        "step time, max peak RSS over rounds and ranks\n"
+        "step time, max peak RSS over rounds and ranks"
+        + ("; beside a process spinning one core" if args.spin_one_core else "")
+        + "\n"
     )
     print("| configuration | schedule | gpipe ms | pipelining ms | gpipe/pipelining "
           "| gpipe by order ms | by order/pipelining "
@@ -273,6 +319,22 @@ def main():
             f"| {fmt(ratio(o_ms, p_ms), '.2f')} | {fmt(g_mb, '.0f')} "
             f"| {fmt(p_mb, '.0f')} | {fmt(ratio(g_mb, p_mb), '.2f')} |"
         )
+
+    if floors:
+        print(
+            "\nthe floor: zero-cost stages; floor = the step's critical path in "
+            "messages x one message's one-way latency, both measured by gpipe "
+            "in the same launches\n"
+        )
+        print("| schedule | floor ms | gpipe ms | gpipe/floor "
+              "| gpipe by order ms | pipelining ms | pipelining/floor |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for schedule, f, g_ms, o_ms, p_ms in floors:
+            print(
+                f"| {schedule} | {f:.2f} | {fmt(g_ms, '.2f')} "
+                f"| {fmt(ratio(g_ms, f), '.2f')} | {fmt(o_ms, '.2f')} "
+                f"| {fmt(p_ms, '.2f')} | {fmt(ratio(p_ms, f), '.2f')} |"
+            )
 
     if args.output:
         with open(args.output, "w") as f:

@@ -59,6 +59,11 @@ constexpr const char* kUsage =
     "  --compare-in-process 0|1\n"
     "                       rank 0 also times the same pipe in one process, a\n"
     "                       thread per stage: what crossing processes costs\n"
+    "  --ping-pong N        before training, ranks 0 and 1 bounce one\n"
+    "                       micro-batch's activation N times (receives\n"
+    "                       posted first) and report the one-way latency,\n"
+    "                       and the step's critical path in messages\n"
+    "                       (default 0: not measured)\n"
     "  --fail-in-first-attempt 0|1\n"
     "                       the last rank's loss function throws in torchrun's\n"
     "                       first attempt (shows a restart; default 0)\n";
@@ -81,6 +86,7 @@ struct Flags {
   torch::DeviceType device = torch::kCPU;
   gpipe::distributed::Backend backend = gpipe::distributed::Backend::Auto;
   bool match_by_order = false;
+  int64_t ping_pong = 0;
 };
 
 inline Flags parse_flags(int argc, char** argv) {
@@ -148,6 +154,8 @@ inline Flags parse_flags(int argc, char** argv) {
             gpipe_example::usage_error(
                 kProgram, "unknown --backend (got: " + value + ")");
           }
+        } else if (name == "ping-pong") {
+          flags.ping_pong = parse_int(kProgram, name, value, 0);
         } else if (name == "match-by-order") {
           flags.match_by_order = parse_int(kProgram, name, value, 0) != 0;
         } else if (name == "picture") {
@@ -176,6 +184,54 @@ inline torch::nn::Sequential make_model(const Flags& flags) {
 inline double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   return values[values.size() / 2];
+}
+
+/// The one-way latency of one micro-batch's activation between ranks 0 and
+/// 1 over the World's Gloo group, in microseconds (median over `rounds`
+/// round trips, halved), with each receive posted before its message is
+/// sent: the least a message of the pipe can cost. Other ranks wait.
+inline double one_way_latency_us(
+    gpipe::distributed::World& world,
+    const Flags& flags,
+    int64_t rounds) {
+  const int64_t rows = std::max<int64_t>(1, flags.batch / flags.microbatches);
+  auto group = world.group();
+  std::vector<double> trips;
+  if (world.rank() <= 1) {
+    const int peer = 1 - static_cast<int>(world.rank());
+    std::vector<torch::Tensor> out{torch::ones({rows, flags.width})};
+    std::vector<torch::Tensor> in{torch::empty({rows, flags.width})};
+    constexpr int kTag = 4242;
+    auto pending = group->recv(in, peer, kTag);
+    group->barrier()->wait();
+    for (int64_t k = 0; k < rounds + 5; ++k) {
+      const auto start = std::chrono::steady_clock::now();
+      if (world.rank() == 0) {
+        group->send(out, peer, kTag)->wait();
+        pending->wait();
+        pending = group->recv(in, peer, kTag);
+      } else {
+        pending->wait();
+        pending = group->recv(in, peer, kTag);
+        group->send(out, peer, kTag)->wait();
+      }
+      if (k >= 5) { // after warm-up
+        trips.push_back(std::chrono::duration<double, std::micro>(
+                            std::chrono::steady_clock::now() - start)
+                            .count());
+      }
+    }
+    // The last receive posted is answered by one more message.
+    if (world.rank() == 0) {
+      group->send(out, peer, kTag)->wait();
+    } else {
+      pending->wait();
+    }
+  } else {
+    group->barrier()->wait();
+  }
+  group->barrier()->wait();
+  return trips.empty() ? 0.0 : median(trips) / 2.0;
 }
 
 inline std::string get(c10d::Store& store, const std::string& key) {
@@ -307,6 +363,21 @@ inline int train(const Flags& flags) {
         loss_fn);
   };
 
+  // The floor of a step: its critical path in messages (the program run
+  // with free computation and unit messages) times one message's latency.
+  double one_way_us = 0;
+  double critical_messages = 0;
+  if (flags.ping_pong > 0 && world->size() >= 2) {
+    one_way_us = one_way_latency_us(*world, flags, flags.ping_pong);
+    gpipe::Costs costs;
+    costs.F = costs.B = costs.I = costs.W = 0;
+    costs.comm = 1;
+    critical_messages =
+        gpipe::simulate(
+            pipe->program_for(std::min(flags.microbatches, flags.batch)), costs)
+            .makespan;
+  }
+
   bool matches = true;
   if (flags.check) {
     const auto loss = step();
@@ -415,8 +486,11 @@ inline int train(const Flags& flags) {
               << ",\"width\":" << flags.width << ",\"batch\":" << flags.batch
               << ",\"microbatches\":" << flags.microbatches
               << ",\"steps\":" << flags.steps << ",\"step_ms_mean\":" << mean
-              << ",\"step_ms_median\":" << median(times) << ",\"peak_rss_mb\":["
-              << c10::Join(",", rss) << "]}" << std::endl;
+              << ",\"step_ms_median\":" << median(times)
+              << ",\"one_way_us\":" << one_way_us
+              << ",\"critical_path_messages\":" << critical_messages
+              << ",\"peak_rss_mb\":[" << c10::Join(",", rss) << "]}"
+              << std::endl;
   }
   world->group()->barrier()->wait(); // rank 0 may host the store
   return matches ? 0 : 1;
