@@ -47,6 +47,22 @@ struct FailedCell {
 
 namespace detail {
 
+/// "partition 2 on micro-batch 5": how every message names a cell.
+inline std::string cell_name(int64_t partition, int64_t microbatch) {
+  return "partition " + std::to_string(partition) + " on micro-batch " +
+      std::to_string(microbatch);
+}
+
+/// "gpipe: partition 2 failed on micro-batch 5 in backward": the context
+/// of an error that left a cell.
+inline std::string cell_failure(
+    int64_t partition,
+    int64_t microbatch,
+    const std::string& phase) {
+  return "gpipe: partition " + std::to_string(partition) +
+      " failed on micro-batch " + std::to_string(microbatch) + " in " + phase;
+}
+
 /// The cells of the most recent exceptions that left a cell, by exception
 /// object (Note [Exceptions keep their type]). Kept for the last
 /// kRemembered exceptions: enough for every lane of a pipe failing at once.
@@ -127,9 +143,9 @@ inline std::string describe_current_exception() {
   }
   std::string text = detail::current_exception_type() + what;
   if (const auto cell = failed_cell(error)) {
-    text = "gpipe: partition " + std::to_string(cell->partition) +
-        " failed on micro-batch " + std::to_string(cell->microbatch) + " in " +
-        cell->phase + ": " + text;
+    text =
+        detail::cell_failure(cell->partition, cell->microbatch, cell->phase) +
+        ": " + text;
   }
   return text;
 }

@@ -24,9 +24,7 @@ struct CellIndex {
 };
 
 inline std::string cell_context(const CellIndex& cell, const char* phase) {
-  return "gpipe: partition " + std::to_string(cell.partition) +
-      " failed on micro-batch " + std::to_string(cell.microbatch) + " in " +
-      phase;
+  return cell_failure(cell.partition, cell.microbatch, phase);
 }
 
 inline bool starts_with_cell_context(const std::string& text) {

@@ -7,6 +7,8 @@
 // is skip::Skippable (gpipe/skip.h), which derives from SkipDeclarations.
 #pragma once
 
+#include <gpipe/failure.h>
+
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 #include <torch/types.h>
@@ -40,8 +42,7 @@ struct SkipFrame {
     if (!label.empty()) {
       return label;
     }
-    return "partition " + std::to_string(partition) + " on micro-batch " +
-        std::to_string(microbatch);
+    return cell_name(partition, microbatch);
   }
 };
 

@@ -23,8 +23,7 @@ namespace gpipe::detail {
 
 /// "partition 2 on micro-batch 5".
 inline std::string where_is(const CellIndex& cell) {
-  return "partition " + std::to_string(cell.partition) + " on micro-batch " +
-      std::to_string(cell.microbatch);
+  return cell_name(cell.partition, cell.microbatch);
 }
 
 /// Moves the skips the partition stashed for later partitions from
