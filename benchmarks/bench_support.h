@@ -1,8 +1,8 @@
 // What the benchmarks measure a training step with: its wall time, waiting
 // for the device before and after, and the memory it allocates above what
-// was live at its start. Kept with the benchmarks (it is not part of the
-// library), so that every benchmark times and measures alike and their
-// numbers compare.
+// was live at its start; and how they read their flags. Kept with the
+// benchmarks (it is not part of the library), so that every benchmark times and
+// measures alike and their numbers compare.
 #pragma once
 
 #include <gpipe/memory.h>
@@ -13,10 +13,55 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
+#include <iostream>
+#include <string>
 #include <vector>
 
 namespace gpipe_bench {
+
+/// Prints "<program>: <message> (see --help)" and exits 2.
+[[noreturn]] inline void flag_error(
+    const std::string& program,
+    const std::string& message) {
+  std::cerr << program << ": " << message << " (see --help)\n";
+  std::exit(2);
+}
+
+/// Calls `on_flag(name, value)` for each "--name value" in argv, in order,
+/// and for each "--name" alone when `name` is one of `switches` (value
+/// empty). "--help" prints `usage` and exits 0; a flag without its value or
+/// an argument that is no flag exits 2 naming it (unknown names are
+/// `on_flag`'s to refuse, with flag_error).
+inline void for_each_flag(
+    int argc,
+    char** argv,
+    const std::string& program,
+    const std::string& usage,
+    const std::vector<std::string>& switches,
+    const std::function<
+        void(const std::string& name, const std::string& value)>& on_flag) {
+  for (int a = 1; a < argc; ++a) {
+    const std::string arg = argv[a];
+    if (arg == "--help" || arg == "-h") {
+      std::cout << usage;
+      std::exit(0);
+    }
+    if (arg.rfind("--", 0) != 0) {
+      flag_error(program, "unexpected argument " + arg);
+    }
+    const std::string name = arg.substr(2);
+    if (std::find(switches.begin(), switches.end(), name) != switches.end()) {
+      on_flag(name, "");
+      continue;
+    }
+    if (a + 1 >= argc) {
+      flag_error(program, arg + " needs a value");
+    }
+    on_flag(name, argv[++a]);
+  }
+}
 
 /// A training step to time: zero_grad keeps the gradient buffers, so a
 /// step's peak above its start is activations and temporaries alone.

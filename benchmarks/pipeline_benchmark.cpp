@@ -722,37 +722,31 @@ void print_split_row(const SplitResult& r) {
 
 Flags parse(int argc, char** argv) {
   Flags flags;
-  for (int a = 1; a < argc; ++a) {
-    const std::string arg = argv[a];
-    auto value = [&]() -> std::string {
-      if (a + 1 >= argc) {
-        std::cerr << "pipeline_benchmark: " << arg << " needs a value\n";
-        std::exit(2);
-      }
-      return argv[++a];
-    };
-    if (arg == "--device") {
-      flags.device = value();
-    } else if (arg == "--repeats") {
-      flags.repeats = std::stoi(value());
-    } else if (arg == "--warmup") {
-      flags.warmup = std::stoi(value());
-    } else if (arg == "--output") {
-      flags.output = value();
-    } else if (arg == "--quick") {
-      flags.quick = true;
-      flags.repeats = 3;
-      flags.warmup = 1;
-    } else if (arg == "--help" || arg == "-h") {
-      std::cout
-          << "pipeline_benchmark [--device cpu|cuda|all] [--repeats N] [--warmup N] [--output FILE] [--quick]\n";
-      std::exit(0);
-    } else {
-      std::cerr << "pipeline_benchmark: unknown flag " << arg
-                << " (see --help)\n";
-      std::exit(2);
-    }
-  }
+  gpipe_bench::for_each_flag(
+      argc,
+      argv,
+      "pipeline_benchmark",
+      "pipeline_benchmark [--device cpu|cuda|all] [--repeats N] [--warmup N] "
+      "[--output FILE] [--quick]\n",
+      {"quick"},
+      [&](const std::string& name, const std::string& value) {
+        if (name == "device") {
+          flags.device = value;
+        } else if (name == "repeats") {
+          flags.repeats = std::stoi(value);
+        } else if (name == "warmup") {
+          flags.warmup = std::stoi(value);
+        } else if (name == "output") {
+          flags.output = value;
+        } else if (name == "quick") {
+          flags.quick = true;
+          flags.repeats = 3;
+          flags.warmup = 1;
+        } else {
+          gpipe_bench::flag_error(
+              "pipeline_benchmark", "unknown flag --" + name);
+        }
+      });
   if (flags.repeats < 1 || flags.warmup < 0 ||
       (flags.device != "cpu" && flags.device != "cuda" &&
        flags.device != "all")) {

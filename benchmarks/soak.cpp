@@ -24,6 +24,8 @@
 //
 //   soak                       the long form: 10,000 steps per schedule
 //   soak --steps 300           the short form ctest runs
+#include "bench_support.h"
+
 #include <gpipe/gpipe.h>
 #include <gpipe/memory.h>
 
@@ -383,31 +385,25 @@ void print(const std::vector<Row>& rows, const Flags& flags) {
 
 Flags parse(int argc, char** argv) {
   Flags flags;
-  for (int a = 1; a < argc; ++a) {
-    const std::string arg = argv[a];
-    auto value = [&]() -> std::string {
-      if (a + 1 >= argc) {
-        std::cerr << "gpipe: soak: " << arg << " needs a value\n";
-        std::exit(2);
-      }
-      return argv[++a];
-    };
-    if (arg == "--steps") {
-      flags.steps = std::stoll(value());
-    } else if (arg == "--window") {
-      flags.window = std::stoll(value());
-    } else if (arg == "--device") {
-      flags.device = value();
-    } else if (arg == "--rss-bound-mib") {
-      flags.rss_bound_mib = std::stod(value());
-    } else if (arg == "--help" || arg == "-h") {
-      std::cout << kHelp;
-      std::exit(0);
-    } else {
-      std::cerr << "gpipe: soak: unknown flag " << arg << " (see --help)\n";
-      std::exit(2);
-    }
-  }
+  gpipe_bench::for_each_flag(
+      argc,
+      argv,
+      "gpipe: soak",
+      kHelp,
+      {},
+      [&](const std::string& name, const std::string& value) {
+        if (name == "steps") {
+          flags.steps = std::stoll(value);
+        } else if (name == "window") {
+          flags.window = std::stoll(value);
+        } else if (name == "device") {
+          flags.device = value;
+        } else if (name == "rss-bound-mib") {
+          flags.rss_bound_mib = std::stod(value);
+        } else {
+          gpipe_bench::flag_error("gpipe: soak", "unknown flag --" + name);
+        }
+      });
   if (flags.steps < 2 * kBlock || flags.window < 0 ||
       (flags.device != "cpu" && flags.device != "cuda")) {
     std::cerr << "gpipe: soak: bad flags (steps: " << flags.steps
