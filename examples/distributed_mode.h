@@ -37,7 +37,9 @@ constexpr const char* kProgram = "distributed_mlp";
 constexpr const char* kUsage =
     "usage: giant_mlp --distributed [flags], or distributed_mlp [flags],\n"
     "under torchrun (one process per rank)\n"
-    "  --schedule NAME      fill_drain (or gpipe), 1f1b, interleaved, zero_bubble\n"
+    "  --schedule NAME      fill_drain (or gpipe), 1f1b, interleaved, zero_bubble,\n"
+    "                       looped_bfs (interleaved and looped_bfs: 2 stages\n"
+    "                       per rank)\n"
     "  --layers N           Linear+ReLU blocks (default 8)\n"
     "  --width N            features (default 256)\n"
     "  --batch N            samples per replica and step (default 64)\n"
@@ -59,11 +61,11 @@ constexpr const char* kUsage =
     "  --compare-in-process 0|1\n"
     "                       rank 0 also times the same pipe in one process, a\n"
     "                       thread per stage: what crossing processes costs\n"
-    "  --ping-pong N        before training, ranks 0 and 1 bounce one\n"
-    "                       micro-batch's activation N times (receives\n"
-    "                       posted first) and report the one-way latency,\n"
-    "                       and the step's critical path in messages\n"
-    "                       (default 0: not measured)\n"
+    "  --ping-pong N        before training, bounce one micro-batch's\n"
+    "                       activation N times (receives posted first):\n"
+    "                       ranks 0 and 1 alone, then every pair of ranks at\n"
+    "                       once; report both one-way latencies and the\n"
+    "                       step's critical path in messages (default 0)\n"
     "  --fail-in-first-attempt 0|1\n"
     "                       the last rank's loss function throws in torchrun's\n"
     "                       first attempt (shows a restart; default 0)\n";
@@ -108,6 +110,8 @@ inline Flags parse_flags(int argc, char** argv) {
             flags.schedule = gpipe::Schedule::Interleaved1F1B;
           } else if (value == "zero_bubble") {
             flags.schedule = gpipe::Schedule::ZeroBubbleH1;
+          } else if (value == "looped_bfs") {
+            flags.schedule = gpipe::Schedule::LoopedBFS;
           } else {
             gpipe_example::usage_error(
                 kProgram, "unknown --schedule (got: " + value + ")");
@@ -186,33 +190,46 @@ inline double median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
-/// The one-way latency of one micro-batch's activation between ranks 0 and
-/// 1 over the World's Gloo group, in microseconds (median over `rounds`
-/// round trips, halved), with each receive posted before its message is
-/// sent: the least a message of the pipe can cost. Other ranks wait.
+/// The one-way latency of one micro-batch's activation over the World's
+/// Gloo group, in microseconds (median over `rounds` round trips, halved),
+/// with each receive posted before its message is sent: the least a message
+/// of the pipe can cost. Ranks 0 and 1 bounce it while the others wait, or,
+/// with `every_pair`, ranks 2r and 2r + 1 all at once, as busy as a step
+/// keeps the machine. Rank 0's figure is returned (0 elsewhere).
 inline double one_way_latency_us(
     gpipe::distributed::World& world,
     const Flags& flags,
-    int64_t rounds) {
+    int64_t rounds,
+    bool every_pair) {
   const int64_t rows = std::max<int64_t>(1, flags.batch / flags.microbatches);
   auto group = world.group();
+  const int64_t rank = world.rank();
+  const int peer = static_cast<int>(rank ^ 1);
+  const bool bounces = peer < world.size() && (every_pair || rank <= 1);
   std::vector<double> trips;
-  if (world.rank() <= 1) {
-    const int peer = 1 - static_cast<int>(world.rank());
+  if (bounces) {
+    const bool first = rank % 2 == 0;
     std::vector<torch::Tensor> out{torch::ones({rows, flags.width})};
     std::vector<torch::Tensor> in{torch::empty({rows, flags.width})};
     constexpr int kTag = 4242;
     auto pending = group->recv(in, peer, kTag);
     group->barrier()->wait();
+    // Each end posts its next receive before it sends, and the last round
+    // receives without posting another, so none is left posted.
     for (int64_t k = 0; k < rounds + 5; ++k) {
+      const bool last = k + 1 == rounds + 5;
       const auto start = std::chrono::steady_clock::now();
-      if (world.rank() == 0) {
+      if (first) {
         group->send(out, peer, kTag)->wait();
         pending->wait();
-        pending = group->recv(in, peer, kTag);
+        if (!last) {
+          pending = group->recv(in, peer, kTag);
+        }
       } else {
         pending->wait();
-        pending = group->recv(in, peer, kTag);
+        if (!last) {
+          pending = group->recv(in, peer, kTag);
+        }
         group->send(out, peer, kTag)->wait();
       }
       if (k >= 5) { // after warm-up
@@ -221,17 +238,11 @@ inline double one_way_latency_us(
                             .count());
       }
     }
-    // The last receive posted is answered by one more message.
-    if (world.rank() == 0) {
-      group->send(out, peer, kTag)->wait();
-    } else {
-      pending->wait();
-    }
   } else {
     group->barrier()->wait();
   }
   group->barrier()->wait();
-  return trips.empty() ? 0.0 : median(trips) / 2.0;
+  return rank == 0 && !trips.empty() ? median(trips) / 2.0 : 0.0;
 }
 
 inline std::string get(c10d::Store& store, const std::string& key) {
@@ -253,8 +264,9 @@ inline double in_process_step_ms(
     int64_t stages,
     int64_t steps) {
   auto model = make_model(flags);
-  const int64_t n =
-      stages * (flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1);
+  const bool looped = flags.schedule == gpipe::Schedule::Interleaved1F1B ||
+      flags.schedule == gpipe::Schedule::LoopedBFS;
+  const int64_t n = stages * (looped ? 2 : 1);
   gpipe::GPipe<torch::nn::Sequential> pipe(
       model,
       gpipe::GPipeOptions(n)
@@ -334,7 +346,10 @@ inline int train(const Flags& flags) {
           .microbatches(flags.microbatches)
           .schedule(flags.schedule)
           .stages_per_rank(
-              flags.schedule == gpipe::Schedule::Interleaved1F1B ? 2 : 1)
+              flags.schedule == gpipe::Schedule::Interleaved1F1B ||
+                      flags.schedule == gpipe::Schedule::LoopedBFS
+                  ? 2
+                  : 1)
           .checkpoint(flags.checkpoint)
           .device(flags.device)
           .backend(flags.backend)
@@ -366,9 +381,11 @@ inline int train(const Flags& flags) {
   // The floor of a step: its critical path in messages (the program run
   // with free computation and unit messages) times one message's latency.
   double one_way_us = 0;
+  double one_way_busy_us = 0;
   double critical_messages = 0;
   if (flags.ping_pong > 0 && world->size() >= 2) {
-    one_way_us = one_way_latency_us(*world, flags, flags.ping_pong);
+    one_way_us = one_way_latency_us(*world, flags, flags.ping_pong, false);
+    one_way_busy_us = one_way_latency_us(*world, flags, flags.ping_pong, true);
     gpipe::Costs costs;
     costs.F = costs.B = costs.I = costs.W = 0;
     costs.comm = 1;
@@ -488,6 +505,7 @@ inline int train(const Flags& flags) {
               << ",\"steps\":" << flags.steps << ",\"step_ms_mean\":" << mean
               << ",\"step_ms_median\":" << median(times)
               << ",\"one_way_us\":" << one_way_us
+              << ",\"one_way_busy_us\":" << one_way_busy_us
               << ",\"critical_path_messages\":" << critical_messages
               << ",\"peak_rss_mb\":[" << c10::Join(",", rss) << "]}"
               << std::endl;

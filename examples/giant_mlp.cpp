@@ -533,8 +533,9 @@ void step_pictures(Tour& tour) {
   // The same step through step() on every schedule: 1F1B interleaves the
   // backwards into the forwards and so keeps fewer micro-batches alive;
   // zero-bubble splits each backward into I and W and fills the drain's
-  // bubble with W. Interleaved 1F1B needs several partitions per lane:
-  // with one device per partition it runs as 1F1B.
+  // bubble with W. Interleaved 1F1B and looped BFS need several partitions
+  // per lane: with one device per partition they run as 1F1B and
+  // fill-drain.
   auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) {
     return torch::mse_loss(out, target);
   };
@@ -542,7 +543,8 @@ void step_pictures(Tour& tour) {
        {gpipe::Schedule::FillDrain,
         gpipe::Schedule::OneFOneB,
         gpipe::Schedule::Interleaved1F1B,
-        gpipe::Schedule::ZeroBubbleH1}) {
+        gpipe::Schedule::ZeroBubbleH1,
+        gpipe::Schedule::LoopedBFS}) {
     const std::string theory_path =
         dir + "schedule_theory_" + gpipe::to_string(schedule) + ".svg";
     gpipe::write_svg(

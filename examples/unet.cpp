@@ -346,7 +346,8 @@ int main(int argc, char** argv) {
         gpipe::Schedule::FillDrain,
         gpipe::Schedule::OneFOneB,
         gpipe::Schedule::Interleaved1F1B,
-        gpipe::Schedule::ZeroBubbleH1};
+        gpipe::Schedule::ZeroBubbleH1,
+        gpipe::Schedule::LoopedBFS};
     for (const auto& schedule : runs) {
       const std::string name = schedule
           ? std::string("step() ") + gpipe::to_string(*schedule)

@@ -187,7 +187,8 @@ TEST(
        {gpipe::Schedule::FillDrain,
         gpipe::Schedule::OneFOneB,
         gpipe::Schedule::Interleaved1F1B,
-        gpipe::Schedule::ZeroBubbleH1}) {
+        gpipe::Schedule::ZeroBubbleH1,
+        gpipe::Schedule::LoopedBFS}) {
     for (const auto mode : gpipe_test::kCheckpointModes) {
       auto seq = make_mlp(4, 16, 1);
       GPipe<torch::nn::Sequential> pipe(

@@ -27,7 +27,8 @@ constexpr Schedule kSchedules[] = {
     Schedule::FillDrain,
     Schedule::OneFOneB,
     Schedule::Interleaved1F1B,
-    Schedule::ZeroBubbleH1};
+    Schedule::ZeroBubbleH1,
+    Schedule::LoopedBFS};
 
 torch::Tensor mse(const torch::Tensor& out, const torch::Tensor& target) {
   return torch::mse_loss(out, target);
@@ -381,8 +382,10 @@ TEST(Executor, EveryScheduleOverlapsAsSimulatePredictsWithSleepingStages) {
   std::map<Schedule, double> measured;
   std::map<Schedule, double> predicted;
   for (const auto schedule : kSchedules) {
-    // Interleaved: 8 stages on the 4 lanes (twice the work in all).
-    const bool interleaved = schedule == Schedule::Interleaved1F1B;
+    // Interleaved and looped BFS: 8 stages on the 4 lanes (twice the work
+    // in all).
+    const bool interleaved = schedule == Schedule::Interleaved1F1B ||
+        schedule == Schedule::LoopedBFS;
     const int64_t stages = interleaved ? 2 * k : k;
     std::vector<int64_t> lanes;
     for (int64_t j = 0; j < stages; ++j) {
@@ -415,8 +418,12 @@ TEST(Executor, MicrobatchesInFlightPerStageAreWhatSimulatePredicts) {
   // In flight: from a cell's forward to the end of its backward (B, or W).
   const int64_t m = 8;
   for (const auto schedule : kSchedules) {
-    // Interleaved: 8 stages on 4 lanes; the others a stage per lane.
-    const int64_t k = schedule == Schedule::Interleaved1F1B ? 8 : 4;
+    // Interleaved and looped BFS: 8 stages on 4 lanes; the others a stage
+    // per lane.
+    const int64_t k =
+        schedule == Schedule::Interleaved1F1B || schedule == Schedule::LoopedBFS
+        ? 8
+        : 4;
     std::vector<int64_t> lanes;
     for (int64_t j = 0; j < k; ++j) {
       lanes.push_back(j % 4);

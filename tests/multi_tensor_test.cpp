@@ -134,7 +134,9 @@ GPipeOptions pipe_options(
     std::optional<Schedule> schedule) {
   auto options =
       GPipeOptions(partitions).microbatches(kMicrobatches).checkpoint(mode);
-  if (schedule == Schedule::Interleaved1F1B && partitions % 2 == 0) {
+  if ((schedule == Schedule::Interleaved1F1B ||
+       schedule == Schedule::LoopedBFS) &&
+      partitions % 2 == 0) {
     std::vector<int64_t> lanes;
     for (int64_t j = 0; j < partitions; ++j) {
       lanes.push_back(j % 2);

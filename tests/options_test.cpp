@@ -58,8 +58,8 @@ TEST(Options, AForgedScheduleIsRejectedNamingTheSchedules) {
         pipe->step(torch::randn({4, 2}), torch::randn({4, 2}), mse);
       }),
       "gpipe: schedule is not a Schedule (value: -1); use "
-      "Schedule::FillDrain, Schedule::OneFOneB, Schedule::Interleaved1F1B or "
-      "Schedule::ZeroBubbleH1");
+      "Schedule::FillDrain, Schedule::OneFOneB, Schedule::Interleaved1F1B, "
+      "Schedule::ZeroBubbleH1 or Schedule::LoopedBFS");
 }
 
 TEST(Options, AForgedLossReductionIsRejectedNamingTheReductions) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 using gpipe::Action;
@@ -54,6 +55,28 @@ std::string text_of(const std::vector<int64_t>& values) {
     text += (text.empty() ? "" : ",") + std::to_string(v);
   }
   return text;
+}
+
+/// Simulated makespans (F = 1, B = 2): `thin` on `chunks` stages per lane
+/// (stage s on lane s mod L), and `plain` on one stage per lane that is
+/// `chunks` times as slow.
+std::pair<double, double> thin_and_fat(
+    Schedule thin,
+    Schedule plain,
+    int64_t lanes,
+    int64_t chunks,
+    int64_t m) {
+  const auto v = static_cast<double>(chunks);
+  return {
+      gpipe::simulate(
+          gpipe::build_program(
+              thin, lanes * chunks, m, interleaved_lanes(lanes, chunks)),
+          Costs{1.0, 2.0, 1.0, 1.0})
+          .makespan,
+      gpipe::simulate(
+          gpipe::build_program(plain, lanes, m, one_stage_per_lane(lanes)),
+          Costs{v, 2 * v, v, v})
+          .makespan};
 }
 
 /// The message of simulate(program) (or "(no error)").
@@ -452,25 +475,84 @@ TEST(Simulate, ZeroBubbleH1HasAThirdOfOneFOneBsBubbleAndItsPeakInFlight) {
   }
 }
 
+TEST(BuildProgram, LoopedBfsRunsEachStagesForwardsThenTheBackwardsInReverse) {
+  // Two lanes, two stages each (stage s on lane s mod 2), 3 micro-batches.
+  const Program program =
+      gpipe::build_program(Schedule::LoopedBFS, 4, 3, interleaved_lanes(2, 2));
+  std::vector<std::string> lanes;
+  for (const auto& lane : program.lanes) {
+    std::string text;
+    for (const Action& action : lane) {
+      if (gpipe::is_compute(action.op)) {
+        text += (text.empty() ? "" : " ") + gpipe::to_string(action);
+      }
+    }
+    lanes.push_back(text);
+  }
+  EXPECT_EQ(lanes[0], "0F0 0F1 0F2 2F0 2F1 2F2 2B2 2B1 2B0 0B2 0B1 0B0");
+  EXPECT_EQ(lanes[1], "1F0 1F1 1F2 3F0 3F1 3F2 3B2 3B1 3B0 1B2 1B1 1B0");
+}
+
+TEST(Simulate, AcceptsEveryLoopedBfsProgramOnEveryPlacement) {
+  for (int64_t stages = 1; stages <= 8; ++stages) {
+    for (int64_t m = 1; m <= 16; ++m) {
+      auto placements = layouts(stages);
+      for (int64_t lanes = 2; lanes < stages; ++lanes) {
+        if (stages % lanes == 0) {
+          placements.push_back(interleaved_lanes(lanes, stages / lanes));
+        }
+      }
+      for (const auto& lanes : placements) {
+        const Program program =
+            gpipe::build_program(Schedule::LoopedBFS, stages, m, lanes);
+        const std::string what = "stages " + std::to_string(stages) + " m " +
+            std::to_string(m) + " lanes " + text_of(lanes);
+        EXPECT_EQ(rejection(program), "(no error)") << what;
+        EXPECT_EQ(gpipe::parse_program(gpipe::format_program(program)), program)
+            << what;
+        // Breadth first: every micro-batch is alive on every stage at the
+        // turn, as in fill-drain.
+        for (const int64_t peak : gpipe::simulate(program).peak_in_flight) {
+          EXPECT_EQ(peak, m) << what;
+        }
+      }
+    }
+  }
+}
+
+TEST(Simulate, LoopedBfsWithOneStagePerLaneIsFillDrain) {
+  for (int64_t k = 1; k <= 6; ++k) {
+    for (int64_t m = 1; m <= 9; ++m) {
+      EXPECT_EQ(
+          gpipe::build_program(
+              Schedule::LoopedBFS, k, m, one_stage_per_lane(k)),
+          gpipe::build_program(
+              Schedule::FillDrain, k, m, one_stage_per_lane(k)))
+          << "k " << k << " m " << m;
+    }
+  }
+}
+
+TEST(Simulate, LoopingBeatsFillDrainOnFatterStages) {
+  // V thin stages per lane against one stage V times as slow per lane.
+  for (int64_t lanes = 2; lanes <= 4; ++lanes) {
+    for (int64_t chunks = 2; chunks <= 4; ++chunks) {
+      for (int64_t m = 2; m <= 16; ++m) {
+        const auto [looped, fat] = thin_and_fat(
+            Schedule::LoopedBFS, Schedule::FillDrain, lanes, chunks, m);
+        EXPECT_LT(looped, fat)
+            << "L " << lanes << " V " << chunks << " m " << m;
+      }
+    }
+  }
+}
+
 TEST(Simulate, InterleavingBeatsOneFOneBOnFatterStages) {
   for (int64_t lanes = 2; lanes <= 4; ++lanes) {
     for (int64_t chunks = 2; chunks <= 4; ++chunks) {
       for (int64_t m = 2; m <= 32; ++m) {
-        const double interleaved = gpipe::simulate(
-                                       gpipe::build_program(
-                                           Schedule::Interleaved1F1B,
-                                           lanes * chunks,
-                                           m,
-                                           interleaved_lanes(lanes, chunks)),
-                                       kUnit)
-                                       .makespan;
-        const auto v = static_cast<double>(chunks);
-        const double fat =
-            gpipe::simulate(
-                gpipe::build_program(
-                    Schedule::OneFOneB, lanes, m, one_stage_per_lane(lanes)),
-                Costs{v, 2 * v})
-                .makespan;
+        const auto [interleaved, fat] = thin_and_fat(
+            Schedule::Interleaved1F1B, Schedule::OneFOneB, lanes, chunks, m);
         EXPECT_LT(interleaved, fat)
             << "L " << lanes << " V " << chunks << " m " << m;
       }

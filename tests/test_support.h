@@ -25,7 +25,8 @@ const std::optional<gpipe::Schedule> kForwardAndEverySchedule[] = {
     gpipe::Schedule::FillDrain,
     gpipe::Schedule::OneFOneB,
     gpipe::Schedule::Interleaved1F1B,
-    gpipe::Schedule::ZeroBubbleH1};
+    gpipe::Schedule::ZeroBubbleH1,
+    gpipe::Schedule::LoopedBFS};
 
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
 inline torch::nn::Sequential make_mlp(

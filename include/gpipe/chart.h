@@ -168,10 +168,13 @@ inline ScheduleLayout theoretical_schedule(
     int64_t n,
     int64_t m) {
   detail::check_pipe_shape(n, m, "a schedule");
-  // Interleaved 1F1B draws two partitions per lane when K is even (a lane
-  // per row); every other schedule one partition per row.
-  const int64_t lane_count =
-      schedule == Schedule::Interleaved1F1B && n % 2 == 0 ? n / 2 : n;
+  // Interleaved 1F1B and looped BFS draw two partitions per lane when K is
+  // even (a lane per row); every other schedule one partition per row.
+  const int64_t lane_count = (schedule == Schedule::Interleaved1F1B ||
+                              schedule == Schedule::LoopedBFS) &&
+          n % 2 == 0
+      ? n / 2
+      : n;
   std::vector<int64_t> lanes;
   for (int64_t j = 0; j < n; ++j) {
     lanes.push_back(j % lane_count);
@@ -188,6 +191,9 @@ inline ScheduleLayout theoretical_schedule(
       break;
     case Schedule::ZeroBubbleH1:
       name = "ZB-H1";
+      break;
+    case Schedule::LoopedBFS:
+      name = "Looped BFS";
       break;
   }
   return program_schedule(

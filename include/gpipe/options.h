@@ -96,8 +96,8 @@ struct GPipeOptions {
   /// running its partitions' actions in program order. Empty: one lane per
   /// device (per CPU partition with `concurrent_cpu_partitions`). A lane
   /// holds partitions of one device; a CUDA device has one lane. Several
-  /// partitions per lane is what Schedule::Interleaved1F1B runs on
-  /// (partition j on lane j mod L).
+  /// partitions per lane is what Schedule::Interleaved1F1B and
+  /// Schedule::LoopedBFS run on (partition j on lane j mod L).
   TORCH_ARG(std::vector<int64_t>, lanes) = {};
   /// How `step` combines micro-batch losses.
   TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;

@@ -80,6 +80,13 @@ enum class Schedule {
   /// every partition, with at most n - j waiting for their I on partition j;
   /// about a third of 1F1B's bubble.
   ZeroBubbleH1,
+  /// Fill-drain over V chunks per lane (torch.distributed.pipelining's
+  /// LoopedBFS): each lane runs every micro-batch's forward on its first
+  /// stage, then on its next, and so on, then the backwards the same way
+  /// with its stages in reverse. Breadth first, like fill-drain, which it is
+  /// with one stage per lane: every micro-batch's activations are alive at
+  /// the turn; the bubble of V stages per lane is about fill-drain's over V.
+  LoopedBFS,
 };
 
 inline const char* to_string(Schedule schedule) {
@@ -92,6 +99,8 @@ inline const char* to_string(Schedule schedule) {
       return "interleaved_1f1b";
     case Schedule::ZeroBubbleH1:
       return "zero_bubble_h1";
+    case Schedule::LoopedBFS:
+      return "looped_bfs";
   }
   return "unknown";
 }
@@ -195,7 +204,8 @@ inline PartitionActions zero_bubble_h1(int64_t m, int64_t n) {
 } // namespace detail
 
 /// The actions of `schedule` for m micro-batches on n partitions, one
-/// partition per lane (Interleaved1F1B needs lanes: build_program).
+/// partition per lane (Interleaved1F1B needs lanes: build_program; LoopedBFS
+/// with one partition per lane is FillDrain).
 inline PartitionActions schedule_actions(
     Schedule schedule,
     int64_t m,
@@ -220,7 +230,7 @@ inline PartitionActions schedule_actions(
   PartitionActions actions(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
     auto& mine = actions[static_cast<size_t>(j)];
-    if (schedule == Schedule::FillDrain) {
+    if (schedule == Schedule::FillDrain || schedule == Schedule::LoopedBFS) {
       for (int64_t i = 0; i < m; ++i) {
         mine.push_back(Action::forward(i, j));
       }

@@ -82,6 +82,20 @@ inline int64_t count_lanes(
   return lanes;
 }
 
+/// A program of `lanes` empty lanes, stage s on lane_of_stage[s].
+inline Program no_actions(
+    int64_t stages,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  Program program;
+  program.stages = stages;
+  program.microbatches = m;
+  program.lane_of_stage = lane_of_stage;
+  program.lanes.resize(static_cast<size_t>(lanes));
+  return program;
+}
+
 /// Places per-stage lists on lanes: a unit-step run with each stage on its
 /// own lane, then each step's actions appended to their lanes in stage
 /// order. Communication is left to lower().
@@ -113,11 +127,7 @@ inline Program merge_onto_lanes(
       all.begin(), all.end(), [](const TimedAction& a, const TimedAction& b) {
         return a.start < b.start;
       });
-  Program program;
-  program.stages = stages;
-  program.microbatches = m;
-  program.lane_of_stage = lane_of_stage;
-  program.lanes.resize(static_cast<size_t>(lanes));
+  Program program = no_actions(stages, m, lane_of_stage, lanes);
   for (const auto& timed : all) {
     program
         .lanes[static_cast<size_t>(
@@ -165,11 +175,7 @@ inline Program interleaved(
       lanes,
       ")");
   const int64_t chunks = stages / lanes;
-  Program program;
-  program.stages = stages;
-  program.microbatches = m;
-  program.lane_of_stage = lane_of_stage;
-  program.lanes.resize(static_cast<size_t>(lanes));
+  Program program = no_actions(stages, m, lane_of_stage, lanes);
   for (int64_t l = 0; l < lanes; ++l) {
     std::vector<Action> forwards;
     std::vector<Action> backwards;
@@ -211,6 +217,37 @@ inline Program interleaved(
   return program;
 }
 
+/// LoopedBFS on any placement: lane l runs F(s, i) for its stages s in
+/// ascending order, each for i = 0..m-1, then B(s, i) for its stages in
+/// descending order, each for i = m-1..0. It cannot deadlock: every lane
+/// finishes its forwards before its first backward, a forward waits only on
+/// a lower stage, which its lane runs first, and a backward only on a
+/// higher one, which its lane runs first too.
+inline Program looped_bfs(
+    int64_t stages,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  Program program = no_actions(stages, m, lane_of_stage, lanes);
+  for (int64_t s = 0; s < stages; ++s) {
+    auto& mine =
+        program
+            .lanes[static_cast<size_t>(lane_of_stage[static_cast<size_t>(s)])];
+    for (int64_t i = 0; i < m; ++i) {
+      mine.push_back(Action::forward(i, s));
+    }
+  }
+  for (int64_t s = stages - 1; s >= 0; --s) {
+    auto& mine =
+        program
+            .lanes[static_cast<size_t>(lane_of_stage[static_cast<size_t>(s)])];
+    for (int64_t i = m - 1; i >= 0; --i) {
+      mine.push_back(Action::backward(i, s));
+    }
+  }
+  return program;
+}
+
 } // namespace detail
 
 /// The forward of every micro-batch on every stage, in clock_cycles order
@@ -222,11 +259,8 @@ inline Program forward_program(
     const std::vector<int64_t>& lane_of_stage) {
   const int64_t lanes = detail::count_lanes(
       "forward_program", stages, microbatches, lane_of_stage);
-  Program program;
-  program.stages = stages;
-  program.microbatches = microbatches;
-  program.lane_of_stage = lane_of_stage;
-  program.lanes.resize(static_cast<size_t>(lanes));
+  Program program =
+      detail::no_actions(stages, microbatches, lane_of_stage, lanes);
   for (const auto& tick : clock_cycles(microbatches, stages)) {
     for (const auto& cell : tick) {
       program
@@ -240,7 +274,8 @@ inline Program forward_program(
 
 /// The program of `schedule` for `microbatches` micro-batches through
 /// `stages` stages, stage s on lane lane_of_stage[s] (lanes 0..L-1, each
-/// used); lowered. Interleaved1F1B needs stage s on lane s mod L.
+/// used); lowered. Interleaved1F1B needs stage s on lane s mod L; LoopedBFS
+/// takes any placement (stage s on lane s mod L is pipelining's).
 inline Program build_program(
     Schedule schedule,
     int64_t stages,
@@ -251,6 +286,10 @@ inline Program build_program(
   if (schedule == Schedule::Interleaved1F1B) {
     return lower(
         detail::interleaved(stages, microbatches, lane_of_stage, lanes));
+  }
+  if (schedule == Schedule::LoopedBFS) {
+    return lower(
+        detail::looped_bfs(stages, microbatches, lane_of_stage, lanes));
   }
   return lower(detail::merge_onto_lanes(
       schedule_actions(schedule, microbatches, stages),

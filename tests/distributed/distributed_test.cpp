@@ -36,7 +36,14 @@ constexpr Schedule kSchedules[] = {
     Schedule::FillDrain,
     Schedule::OneFOneB,
     Schedule::Interleaved1F1B,
-    Schedule::ZeroBubbleH1};
+    Schedule::ZeroBubbleH1,
+    Schedule::LoopedBFS};
+/// The schedules that run several stages per rank.
+bool looped(Schedule schedule) {
+  return schedule == Schedule::Interleaved1F1B ||
+      schedule == Schedule::LoopedBFS;
+}
+
 constexpr Checkpoint kModes[] = {
     Checkpoint::Never,
     Checkpoint::ExceptLast,
@@ -144,8 +151,7 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
                              .checkpoint(mode)
                              .loss_reduction(reduction)
                              .match_by_order(arg(args, "by_order", 0) != 0)
-                             .stages_per_rank(
-                                 schedule == Schedule::Interleaved1F1B ? 2 : 1);
+                             .stages_per_rank(looped(schedule) ? 2 : 1);
           if (arg(args, "nccl", 0) != 0) {
             // cuda:LOCAL_RANK, a GPU per rank.
             options.device(torch::kCUDA).backend(gd::Backend::Nccl);
@@ -468,7 +474,7 @@ int several_tensors(const std::shared_ptr<gd::World>& world) {
         gd::DistributedOptions(2)
             .microbatches(3)
             .schedule(schedule)
-            .stages_per_rank(schedule == Schedule::Interleaved1F1B ? 2 : 1));
+            .stages_per_rank(looped(schedule) ? 2 : 1));
     torch::manual_seed(9);
     const auto x = torch::randn({7, 5}, torch::kFloat64);
     const auto mask = (torch::rand({7, 5}) > 0.3).to(torch::kFloat64);

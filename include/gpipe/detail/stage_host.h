@@ -56,11 +56,12 @@ inline void check_modes(
   const auto s = static_cast<int>(schedule);
   TORCH_CHECK(
       s >= static_cast<int>(Schedule::FillDrain) &&
-          s <= static_cast<int>(Schedule::ZeroBubbleH1),
+          s <= static_cast<int>(Schedule::LoopedBFS),
       "gpipe: schedule is not a Schedule (value: ",
       s,
       "); use Schedule::FillDrain, Schedule::OneFOneB, ",
-      "Schedule::Interleaved1F1B or Schedule::ZeroBubbleH1");
+      "Schedule::Interleaved1F1B, Schedule::ZeroBubbleH1 or ",
+      "Schedule::LoopedBFS");
   const auto r = static_cast<int>(reduction);
   TORCH_CHECK(
       r == static_cast<int>(Reduction::Mean) ||
