@@ -11,6 +11,7 @@
 #include <gpipe/options.h>
 #include <gpipe/pipe.h>
 #include <gpipe/program.h>
+#include <gpipe/program_csv.h>
 #include <gpipe/recompute.h>
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
