@@ -492,6 +492,12 @@ double busy_ms_of(const std::vector<gpipe::TimelineEvent>& events) {
   return busy;
 }
 
+/// A program to measure, and the fixed schedule it is, if any.
+struct ToRun {
+  Program program;
+  std::optional<Schedule> fixed;
+};
+
 /// Runs programs and measures them; one per mode.
 struct Bench {
   virtual ~Bench() = default;
@@ -502,13 +508,12 @@ struct Bench {
   /// The giant MLP's per-stage costs, from a ZeroBubbleH1 step of m
   /// micro-batches recorded with a timeline.
   virtual std::vector<Costs> measure_costs(const Workload& work, int64_t m) = 0;
-  /// The best of flags.steps steps of `program` (m micro-batches) after
-  /// flags.warmup, each recorded with a timeline; NaN when it cannot run
-  /// here. `fixed` names the schedule the program is, when it is one.
-  virtual Measured measure(
+  /// Per program (all of one micro-batch count), the best of flags.steps
+  /// steps after flags.warmup, each step recorded with a timeline; NaN
+  /// where it cannot run here.
+  virtual std::vector<Measured> measure(
       const Workload& work,
-      const Program& program,
-      std::optional<Schedule> fixed) = 0;
+      const std::vector<ToRun>& programs) = 0;
 };
 
 /// What time_steps saw: per timed step its wall time and compute slices,
@@ -518,6 +523,22 @@ struct Timed {
   std::vector<double> busy_ms;
   std::vector<gpipe::TimelineEvent> events;
 };
+
+/// Times one `step` into `timed`, recorded alone on `timeline` (attached to
+/// the pipe that steps).
+void time_step(
+    Timed& timed,
+    gpipe::Timeline& timeline,
+    const std::function<void()>& step) {
+  timeline.clear();
+  const auto start = Clock::now();
+  step();
+  timed.ms.push_back(
+      std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+  const auto events = timeline.events();
+  timed.busy_ms.push_back(busy_ms_of(events));
+  timed.events.insert(timed.events.end(), events.begin(), events.end());
+}
 
 /// Runs `step` flags.warmup times, then flags.steps times, each recorded
 /// alone on a timeline attached to `pipe` (a GPipe or a DistributedGPipe);
@@ -537,15 +558,7 @@ Timed time_steps(
   pipe->set_timeline(timeline);
   for (int64_t k = 0; k < flags.steps; ++k) {
     line_up();
-    timeline->clear();
-    const auto start = Clock::now();
-    step();
-    timed.ms.push_back(
-        std::chrono::duration<double, std::milli>(Clock::now() - start)
-            .count());
-    const auto events = timeline->events();
-    timed.busy_ms.push_back(busy_ms_of(events));
-    timed.events.insert(timed.events.end(), events.begin(), events.end());
+    time_step(timed, *timeline, step);
   }
   pipe->set_timeline(nullptr);
   return timed;
@@ -582,16 +595,41 @@ struct InProcess : Bench {
             pipe, *work.flags, [&] { pipe->step(x, y, mse); }, [] {})
             .events);
   }
-  Measured measure(
+  /// Every pipe is built and warmed up first; then the timed steps go round
+  /// the programs (forwards, then backwards), so that what else the
+  /// machine does meanwhile falls on all of them alike.
+  std::vector<Measured> measure(
       const Workload& work,
-      const Program& program,
-      std::optional<Schedule> /*fixed*/) override {
-    Pipe pipe(
-        work.model(), options(work, program.microbatches).program(program));
-    const auto [x, y] = work.batch(program.microbatches);
-    const auto timed = time_steps(
-        pipe, *work.flags, [&] { pipe->step(x, y, mse); }, [] {});
-    return best_of(timed.ms, timed.busy_ms);
+      const std::vector<ToRun>& programs) override {
+    if (programs.empty()) {
+      return {};
+    }
+    const int64_t m = programs.front().program.microbatches;
+    const auto [x, y] = work.batch(m);
+    std::vector<Pipe> pipes;
+    std::vector<std::shared_ptr<gpipe::Timeline>> timelines;
+    for (const auto& run : programs) {
+      pipes.emplace_back(work.model(), options(work, m).program(run.program));
+      for (int64_t k = 0; k < work.flags->warmup; ++k) {
+        pipes.back()->step(x, y, mse);
+      }
+      timelines.push_back(std::make_shared<gpipe::Timeline>());
+      pipes.back()->set_timeline(timelines.back());
+    }
+    const size_t n = programs.size();
+    std::vector<Timed> timed(n);
+    for (int64_t round = 0; round < work.flags->steps; ++round) {
+      for (size_t k = 0; k < n; ++k) {
+        const size_t j = round % 2 == 0 ? k : n - 1 - k;
+        time_step(timed[j], *timelines[j], [&] { pipes[j]->step(x, y, mse); });
+      }
+    }
+    std::vector<Measured> measured;
+    for (size_t j = 0; j < n; ++j) {
+      pipes[j]->set_timeline(nullptr);
+      measured.push_back(best_of(timed[j].ms, timed[j].busy_ms));
+    }
+    return measured;
   }
 };
 
@@ -684,10 +722,21 @@ struct AcrossRanks : Bench {
     return costs;
   }
 
-  Measured measure(
+  /// One pipe at a time on the World: each program in turn.
+  std::vector<Measured> measure(
+      const Workload& work,
+      const std::vector<ToRun>& programs) override {
+    std::vector<Measured> measured;
+    for (const auto& run : programs) {
+      measured.push_back(measure_one(work, run.program, run.fixed));
+    }
+    return measured;
+  }
+
+  Measured measure_one(
       const Workload& work,
       const Program& program,
-      std::optional<Schedule> fixed) override {
+      std::optional<Schedule> fixed) {
     auto opts = options(work, program.microbatches);
     if (fixed) {
       opts.schedule(*fixed);
@@ -942,34 +991,46 @@ std::vector<Table> plan(
   return tables;
 }
 
+/// The table's programs: the fixed schedules that fit, then the searched.
+std::vector<Entry*> entries_of(Table& table) {
+  std::vector<Entry*> entries;
+  for (auto& entry : table.fixed) {
+    entries.push_back(&entry);
+  }
+  entries.push_back(&table.searched);
+  return entries;
+}
+
 /// Measures every distinct program of `tables` once (a program under both
 /// limits, or a fixed schedule that another one equals, runs once).
 void measure_tables(
     Bench& bench,
     const Workload& work,
     std::vector<Table>& tables) {
-  std::map<std::string, Measured> measured; // by program text
-  auto run = [&](Entry& entry) {
-    const std::string key = gpipe::format_program(entry.program);
-    auto found = measured.find(key);
-    if (found == measured.end()) {
-      found =
-          measured
-              .emplace(key, bench.measure(work, entry.program, entry.schedule))
-              .first;
-    }
-    entry.measured_ms = found->second.ms;
-    entry.measured_busy = found->second.busy_ms / found->second.ms;
-  };
+  std::map<std::string, size_t> index; // by program text
+  std::vector<ToRun> programs;
   for (auto& table : tables) {
+    for (const Entry* entry : entries_of(table)) {
+      const std::string key = gpipe::format_program(entry->program);
+      if (index.emplace(key, programs.size()).second) {
+        programs.push_back({entry->program, entry->schedule});
+      }
+    }
+  }
+  const auto measured = bench.measure(work, programs);
+  for (auto& table : tables) {
+    for (Entry* entry : entries_of(table)) {
+      const Measured& mine =
+          measured[index.at(gpipe::format_program(entry->program))];
+      entry->measured_ms = mine.ms;
+      entry->measured_busy = mine.busy_ms / mine.ms;
+    }
     table.best_fixed_measured = std::numeric_limits<double>::quiet_NaN();
-    for (auto& entry : table.fixed) {
-      run(entry);
+    for (const auto& entry : table.fixed) {
       if (entry.name == table.best_fixed) {
         table.best_fixed_measured = entry.measured_ms;
       }
     }
-    run(table.searched);
   }
 }
 
