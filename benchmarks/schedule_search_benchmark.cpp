@@ -15,12 +15,13 @@
 // Memory limits, in micro-batch activations per lane: 1F1B's peak (K on lane
 // 0) and twice that. For every fixed schedule that runs on the placement and
 // fits the limit, and for search_schedule's program: the simulated makespan,
-// the measured one (the best of --steps steps after --warmup), their ratio,
-// and the lower bound (the busiest lane's own work). Sleeping stages leave
-// the cores free, so their lanes overlap as they would on four devices; the
-// giant MLP's four lanes share this machine's cores, which the measured
-// costs include only as far as a ZeroBubbleH1 step's contention matches the
-// program's.
+// the measured one (the best of --steps steps after --warmup; in one process
+// the steps go round the programs, so that other load on the machine falls
+// on all alike), their ratio, the lanes busy on average (compute over
+// makespan), and the lower bound (the busiest lane's own work). Sleeping
+// stages leave the cores free, so their lanes overlap as they would on four
+// devices; the giant MLP's four lanes share this machine's cores, which the
+// simulation knows nothing of (its busy lanes say how far that goes).
 //
 // Nothing timed is checked: the numbers are printed (and written with
 // --json). What is deterministic is checked, and a failure exits 1 with a
@@ -62,7 +63,6 @@
 #include <sstream>
 #include <string>
 #include <thread>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -637,30 +637,6 @@ struct InProcess : Bench {
 
 namespace gd = gpipe::distributed;
 
-/// Whether DistributedOptions takes a program of one's own (being added for
-/// issue 23); until then the searched program cannot run across ranks.
-template <typename Options, typename = void>
-struct TakesProgram : std::false_type {};
-template <typename Options>
-struct TakesProgram<
-    Options,
-    std::void_t<decltype(std::declval<Options&>().program(
-        std::declval<std::optional<Program>>()))>> : std::true_type {};
-
-/// Gives `options` the program; false where DistributedOptions cannot take
-/// one.
-template <typename Options>
-bool give_program(Options& options, const Program& program) {
-  if constexpr (TakesProgram<Options>::value) {
-    options.program(std::optional<Program>(program));
-    return true;
-  } else {
-    (void)options;
-    (void)program;
-    return false;
-  }
-}
-
 struct AcrossRanks : Bench {
   explicit AcrossRanks(std::shared_ptr<gd::World> world)
       : world_(std::move(world)) {}
@@ -737,11 +713,13 @@ struct AcrossRanks : Bench {
       const Workload& work,
       const Program& program,
       std::optional<Schedule> fixed) {
+    // A fixed schedule by name, as its users give it; the searched program
+    // as one's own (its lane_of_stage places the stages on the ranks).
     auto opts = options(work, program.microbatches);
     if (fixed) {
       opts.schedule(*fixed);
-    } else if (!give_program(opts, program)) {
-      return {};
+    } else {
+      opts.program(program);
     }
     gd::DistributedGPipe pipe(world_, work.model(), opts);
     const auto [x, y] = work.batch(program.microbatches);
@@ -1333,11 +1311,6 @@ int main(int argc, char** argv) {
                 std::to_string(world->size()) + ")");
       }
       AcrossRanks bench(world);
-      if (bench.prints() && !TakesProgram<gd::DistributedOptions>::value) {
-        std::cout << "note: DistributedOptions takes no program in this "
-                     "build; the searched program's measured makespan is "
-                     "n/a across ranks\n";
-      }
       const int rc = run(flags, bench);
       world->group()->barrier()->wait(); // rank 0 may host the store
       return rc;
