@@ -172,6 +172,27 @@ TEST(ProgramText, RejectsLinesThatAreNoLane) {
       "gpipe: cannot parse program: stage 0 has no actions (stages: 2)");
 }
 
+TEST(ProgramText, HugeLaneStageAndMicrobatchNumbersAreErrorsNotAllocations) {
+  // Each used to size a table by the number named: "lane 999999999:" asked
+  // for a billion lanes, "999999999F0" a billion stages, and simulate sized
+  // its counts by stages x micro-batches.
+  EXPECT_EQ(
+      gpipe_test::error_of([] { gpipe::parse_program("lane 999999999: 0F0"); }),
+      "gpipe: cannot parse program: lane 0 is missing (lanes: 1000000000)");
+  EXPECT_EQ(
+      gpipe_test::error_of([] { gpipe::parse_program("lane 0: 999999999F0"); }),
+      "gpipe: cannot parse program: stage 0 has no actions (stages: 1000000000)");
+  const std::string message = gpipe_test::error_of([] {
+    gpipe::simulate(gpipe::parse_program("lane 0: 0F999999999 0B999999999"));
+  });
+  EXPECT_EQ(
+      message.rfind(
+          "gpipe: invalid program: has 2 compute actions, fewer than one F per stage and micro-batch (stages: 1, micro-batches: 1000000000)",
+          0),
+      0)
+      << message;
+}
+
 TEST(Lower, AddsASendAfterEachProducerAndAReceiveBeforeEachConsumer) {
   const Program bare = gpipe::parse_program(
       "lane 0: 0F0 1F0 1B0 0B0\n"

@@ -15,7 +15,9 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <map>
 #include <ostream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -214,7 +216,11 @@ inline std::ostream& operator<<(std::ostream& os, const Program& program) {
 /// == p for every valid p.
 inline Program parse_program(const std::string& text) {
   Program program;
-  std::vector<bool> seen_lane;
+  // Lanes and stages are collected before anything is sized by the largest
+  // number named, so that "lane 999999999:" or "999999999F0" is an error,
+  // not a gigabyte allocation.
+  std::map<size_t, std::vector<Action>> lanes;
+  std::set<int64_t> stages;
   std::istringstream lines(text);
   std::string line;
   int64_t number = 0;
@@ -252,14 +258,10 @@ inline Program parse_program(const std::string& text) {
       fail("'" + label + "' is not a lane number");
     }
     const auto l = static_cast<size_t>(std::stoll(label));
-    if (l >= seen_lane.size()) {
-      seen_lane.resize(l + 1, false);
-      program.lanes.resize(l + 1);
-    }
-    if (seen_lane[l]) {
+    if (lanes.count(l) > 0) {
       fail("lane " + label + " appears twice");
     }
-    seen_lane[l] = true;
+    auto& mine = lanes[l];
     while (words >> word) {
       Action action;
       try {
@@ -269,20 +271,36 @@ inline Program parse_program(const std::string& text) {
         const std::string why = e.msg();
         fail(why.rfind("gpipe: ", 0) == 0 ? why.substr(7) : why);
       }
-      program.lanes[l].push_back(action);
+      mine.push_back(action);
+      stages.insert(action.stage);
       program.stages = std::max(program.stages, action.stage + 1);
       program.microbatches =
           std::max(program.microbatches, action.microbatch + 1);
     }
   }
-  for (size_t l = 0; l < seen_lane.size(); ++l) {
+  const size_t lane_count = lanes.empty() ? 0 : lanes.rbegin()->first + 1;
+  size_t expected = 0;
+  for (const auto& lane : lanes) {
     TORCH_CHECK(
-        seen_lane[l],
+        lane.first == expected,
         "gpipe: cannot parse program: lane ",
-        l,
+        expected,
         " is missing (lanes: ",
-        seen_lane.size(),
+        lane_count,
         ")");
+    ++expected;
+    program.lanes.push_back(std::move(lane.second));
+  }
+  int64_t next_stage = 0;
+  for (const int64_t s : stages) {
+    TORCH_CHECK(
+        s == next_stage,
+        "gpipe: cannot parse program: stage ",
+        next_stage,
+        " has no actions (stages: ",
+        program.stages,
+        ")");
+    ++next_stage;
   }
   program.lane_of_stage.assign(static_cast<size_t>(program.stages), -1);
   for (size_t l = 0; l < program.lanes.size(); ++l) {
@@ -292,15 +310,6 @@ inline Program parse_program(const std::string& text) {
         lane = static_cast<int64_t>(l);
       }
     }
-  }
-  for (int64_t s = 0; s < program.stages; ++s) {
-    TORCH_CHECK(
-        program.lane_of_stage[static_cast<size_t>(s)] != -1,
-        "gpipe: cannot parse program: stage ",
-        s,
-        " has no actions (stages: ",
-        program.stages,
-        ")");
   }
   return program;
 }

@@ -70,6 +70,22 @@ inline void check_shape(const Program& p) {
           ", out of range (lanes: " + std::to_string(lanes) + ")");
     }
   }
+  // Every (stage, micro-batch) needs its F: fewer compute actions than that
+  // can never be valid, and the checks below size tables by stages x
+  // micro-batches, which a stray huge micro-batch number would blow up.
+  int64_t compute = 0;
+  for (const auto& lane : p.lanes) {
+    compute += std::count_if(lane.begin(), lane.end(), [](const Action& a) {
+      return is_compute(a.op);
+    });
+  }
+  if (compute / p.stages < p.microbatches) {
+    reject(
+        "has " + std::to_string(compute) +
+        " compute actions, fewer than one F per stage and micro-batch (stages: " +
+        std::to_string(p.stages) +
+        ", micro-batches: " + std::to_string(p.microbatches) + ")");
+  }
 }
 
 /// Every action in range and on its stage's lane; returns the counts.
