@@ -7,7 +7,10 @@ foreach(name pipeline_schedule_K2_M4.svg schedule_measured.svg schedule_side_by_
              schedule_step_interleaved_1f1b.svg schedule_step_zero_bubble_h1.svg
              schedule_theory_fill_drain.svg schedule_theory_1f1b.svg
              schedule_theory_interleaved_1f1b.svg schedule_theory_zero_bubble_h1.svg
-             schedule_step_looped_bfs.svg schedule_theory_looped_bfs.svg)
+             schedule_step_looped_bfs.svg schedule_theory_looped_bfs.svg
+             schedule_step_interleaved_zero_bubble.svg schedule_theory_interleaved_zero_bubble.svg
+             schedule_step_zero_bubble_v.svg schedule_theory_zero_bubble_v.svg
+             schedule_step_dual_pipe_v.svg schedule_theory_dual_pipe_v.svg)
   if(NOT EXISTS "${dir}/${name}")
     message(FATAL_ERROR "giant_mlp did not write ${dir}/${name}")
   endif()

@@ -38,8 +38,10 @@ constexpr const char* kUsage =
     "usage: giant_mlp --distributed [flags], or distributed_mlp [flags],\n"
     "under torchrun (one process per rank)\n"
     "  --schedule NAME      fill_drain (or gpipe), 1f1b, interleaved, zero_bubble,\n"
-    "                       looped_bfs (interleaved and looped_bfs: 2 stages\n"
-    "                       per rank)\n"
+    "                       looped_bfs, interleaved_zero_bubble, zero_bubble_v,\n"
+    "                       dual_pipe_v (the last four and interleaved: 2 stages\n"
+    "                       per rank), auto (searched for the costs the first\n"
+    "                       step measures)\n"
     "  --layers N           Linear+ReLU blocks (default 8)\n"
     "  --width N            features (default 256)\n"
     "  --batch N            samples per replica and step (default 64)\n"
@@ -110,11 +112,13 @@ inline Flags parse_flags(int argc, char** argv) {
             flags.schedule = gpipe::Schedule::Interleaved1F1B;
           } else if (value == "zero_bubble") {
             flags.schedule = gpipe::Schedule::ZeroBubbleH1;
-          } else if (value == "looped_bfs") {
-            flags.schedule = gpipe::Schedule::LoopedBFS;
           } else {
-            gpipe_example::usage_error(
-                kProgram, "unknown --schedule (got: " + value + ")");
+            try {
+              flags.schedule = gpipe::parse_schedule(value);
+            } catch (const c10::Error&) {
+              gpipe_example::usage_error(
+                  kProgram, "unknown --schedule (got: " + value + ")");
+            }
           }
         } else if (name == "layers") {
           flags.layers = parse_int(kProgram, name, value, 1);
@@ -264,16 +268,17 @@ inline double in_process_step_ms(
     int64_t stages,
     int64_t steps) {
   auto model = make_model(flags);
-  const bool looped = flags.schedule == gpipe::Schedule::Interleaved1F1B ||
-      flags.schedule == gpipe::Schedule::LoopedBFS;
-  const int64_t n = stages * (looped ? 2 : 1);
+  // The ranks' placement on lanes: a lane per rank, each running its
+  // stages.
+  const int64_t n = stages * gpipe::stages_per_lane(flags.schedule);
   gpipe::GPipe<torch::nn::Sequential> pipe(
       model,
       gpipe::GPipeOptions(n)
           .microbatches(flags.microbatches)
           .schedule(flags.schedule)
           .checkpoint(flags.checkpoint)
-          .concurrent_cpu_partitions(true));
+          .concurrent_cpu_partitions(true)
+          .lanes(gpipe::schedule_placement(flags.schedule, n, stages)));
   torch::manual_seed(1);
   const auto x = torch::randn({flags.batch, flags.width});
   const auto y = torch::randn({flags.batch, flags.width});
@@ -345,11 +350,7 @@ inline int train(const Flags& flags) {
       gpipe::distributed::DistributedOptions(stages)
           .microbatches(flags.microbatches)
           .schedule(flags.schedule)
-          .stages_per_rank(
-              flags.schedule == gpipe::Schedule::Interleaved1F1B ||
-                      flags.schedule == gpipe::Schedule::LoopedBFS
-                  ? 2
-                  : 1)
+          .stages_per_rank(gpipe::stages_per_lane(flags.schedule))
           .checkpoint(flags.checkpoint)
           .device(flags.device)
           .backend(flags.backend)

@@ -533,18 +533,24 @@ void step_pictures(Tour& tour) {
   // The same step through step() on every schedule: 1F1B interleaves the
   // backwards into the forwards and so keeps fewer micro-batches alive;
   // zero-bubble splits each backward into I and W and fills the drain's
-  // bubble with W. Interleaved 1F1B and looped BFS need several partitions
-  // per lane: with one device per partition they run as 1F1B and
-  // fill-drain.
+  // bubble with W. The interleaved and looped schedules need several
+  // partitions per lane: with one device per partition they run with one
+  // chunk per lane. ZB-V and DualPipeV fold the partitions in a V: every
+  // partition on one lane (the CPU default) or two per device.
   auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& target) {
     return torch::mse_loss(out, target);
   };
-  for (const auto schedule :
-       {gpipe::Schedule::FillDrain,
-        gpipe::Schedule::OneFOneB,
-        gpipe::Schedule::Interleaved1F1B,
-        gpipe::Schedule::ZeroBubbleH1,
-        gpipe::Schedule::LoopedBFS}) {
+  for (const auto schedule : gpipe::kEverySchedule) {
+    if (gpipe::places_stages_in_a_v(schedule)) {
+      try {
+        pipe->step_program_for(std::min(flags.microbatches, flags.batch));
+      } catch (const c10::Error& e) {
+        std::cout << "  " << schedule
+                  << ": not on these lanes: " << e.what_without_backtrace()
+                  << "\n";
+        continue;
+      }
+    }
     const std::string theory_path =
         dir + "schedule_theory_" + gpipe::to_string(schedule) + ".svg";
     gpipe::write_svg(

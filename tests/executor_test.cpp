@@ -23,12 +23,20 @@ namespace {
 
 using Pipe = GPipe<torch::nn::Sequential>;
 
-constexpr Schedule kSchedules[] = {
-    Schedule::FillDrain,
-    Schedule::OneFOneB,
-    Schedule::Interleaved1F1B,
-    Schedule::ZeroBubbleH1,
-    Schedule::LoopedBFS};
+const auto& kSchedules = gpipe::kEverySchedule;
+
+/// One lane per partition; for the V schedules, k partitions folded on
+/// k / 2 lanes.
+std::vector<int64_t> lanes_of(Schedule schedule, int64_t k) {
+  if (gpipe::places_stages_in_a_v(schedule)) {
+    return gpipe::schedule_placement(schedule, k, k / 2);
+  }
+  std::vector<int64_t> lanes;
+  for (int64_t j = 0; j < k; ++j) {
+    lanes.push_back(j);
+  }
+  return lanes;
+}
 
 torch::Tensor mse(const torch::Tensor& out, const torch::Tensor& target) {
   return torch::mse_loss(out, target);
@@ -78,8 +86,14 @@ TEST(Executor, EveryScheduleTrainsLikePlainTrainingForEveryKAndM) {
           const auto options =
               GPipeOptions(k).microbatches(m).checkpoint(mode).schedule(
                   schedule);
+          if (gpipe::places_stages_in_a_v(schedule) && k % 2 == 1) {
+            continue; // no V of an odd K
+          }
           expect_step_trains_like_plain(
-              8, options, batch, describe(schedule, mode, k, m, batch, {}));
+              8,
+              options,
+              batch,
+              describe(schedule, mode, k, m, batch, options.lanes()));
         }
       }
     }
@@ -92,10 +106,7 @@ TEST(Executor, EveryScheduleTrainsLikePlainTrainingWithALanePerPartition) {
       for (const int64_t k : {2, 4}) {
         for (const int64_t m : {1, 3, 8}) {
           const int64_t batch = 2 * m + 1;
-          std::vector<int64_t> lanes;
-          for (int64_t j = 0; j < k; ++j) {
-            lanes.push_back(j);
-          }
+          const auto lanes = lanes_of(schedule, k);
           const auto options = GPipeOptions(k)
                                    .microbatches(m)
                                    .checkpoint(mode)
@@ -147,7 +158,7 @@ TEST(Executor, EveryScheduleIsBitIdenticalFromRunToRunOnConcurrentLanes) {
       Pipe pipe(
           seq,
           GPipeOptions(4).microbatches(4).schedule(schedule).lanes(
-              {0, 1, 2, 3}));
+              lanes_of(schedule, 4)));
       pipe->step(x, x, mse);
       const auto grads = grads_of(seq->parameters());
       if (run == 0) {
@@ -382,15 +393,10 @@ TEST(Executor, EveryScheduleOverlapsAsSimulatePredictsWithSleepingStages) {
   std::map<Schedule, double> measured;
   std::map<Schedule, double> predicted;
   for (const auto schedule : kSchedules) {
-    // Interleaved and looped BFS: 8 stages on the 4 lanes (twice the work
-    // in all).
-    const bool interleaved = schedule == Schedule::Interleaved1F1B ||
-        schedule == Schedule::LoopedBFS;
-    const int64_t stages = interleaved ? 2 * k : k;
-    std::vector<int64_t> lanes;
-    for (int64_t j = 0; j < stages; ++j) {
-      lanes.push_back(j % k);
-    }
+    // The schedules over several stages per lane: 8 stages on the 4 lanes
+    // (twice the work in all).
+    const int64_t stages = gpipe::stages_per_lane(schedule) * k;
+    const auto lanes = gpipe::schedule_placement(schedule, stages, k);
     auto pipe = sleepy_pipe(stages, m, lanes, schedule);
     predicted[schedule] =
         gpipe::simulate(gpipe::build_program(schedule, stages, m, lanes), costs)
@@ -418,16 +424,10 @@ TEST(Executor, MicrobatchesInFlightPerStageAreWhatSimulatePredicts) {
   // In flight: from a cell's forward to the end of its backward (B, or W).
   const int64_t m = 8;
   for (const auto schedule : kSchedules) {
-    // Interleaved and looped BFS: 8 stages on 4 lanes; the others a stage
-    // per lane.
-    const int64_t k =
-        schedule == Schedule::Interleaved1F1B || schedule == Schedule::LoopedBFS
-        ? 8
-        : 4;
-    std::vector<int64_t> lanes;
-    for (int64_t j = 0; j < k; ++j) {
-      lanes.push_back(j % 4);
-    }
+    // The schedules over several stages per lane: 8 stages on 4 lanes; the
+    // others a stage per lane.
+    const int64_t k = gpipe::stages_per_lane(schedule) * 4;
+    const auto lanes = gpipe::schedule_placement(schedule, k, 4);
     auto pipe = sleepy_pipe(k, m, lanes, schedule);
     auto timeline = std::make_shared<gpipe::Timeline>();
     pipe->set_timeline(timeline);
@@ -475,6 +475,9 @@ TEST(Executor, MicrobatchesInFlightPerStageAreWhatSimulatePredicts) {
 
 TEST(Executor, AnErrorInAWeightGradientKeepsItsTypeAndNamesItsCellOnce) {
   for (const auto schedule : kSchedules) {
+    if (gpipe::places_stages_in_a_v(schedule)) {
+      continue; // K = 3: no V
+    }
     auto seq = gpipe_test::make_mlp(2, 6);
     seq->push_back(SleepyScaleLayer(6));
     seq->push_back(torch::nn::Linear(6, 6));
@@ -523,7 +526,10 @@ TEST(Executor, AFailureOnOneLaneNeverLeavesAnotherLaneWaiting) {
     auto seq = gpipe_test::make_mlp(4, 6);
     Pipe pipe(
         seq,
-        GPipeOptions(4).microbatches(4).lanes({0, 1, 2, 3}).schedule(schedule));
+        GPipeOptions(4)
+            .microbatches(4)
+            .lanes(lanes_of(schedule, 4))
+            .schedule(schedule));
     const auto x = torch::randn({8, 6});
     int calls = 0;
     auto failing = [&](const torch::Tensor& out, const torch::Tensor& y) {

@@ -59,7 +59,9 @@ TEST(Options, AForgedScheduleIsRejectedNamingTheSchedules) {
       }),
       "gpipe: schedule is not a Schedule (value: -1); use "
       "Schedule::FillDrain, Schedule::OneFOneB, Schedule::Interleaved1F1B, "
-      "Schedule::ZeroBubbleH1 or Schedule::LoopedBFS");
+      "Schedule::ZeroBubbleH1, Schedule::LoopedBFS, "
+      "Schedule::InterleavedZeroBubble, Schedule::ZeroBubbleV, "
+      "Schedule::DualPipeV or Schedule::Auto");
 }
 
 TEST(Options, AForgedLossReductionIsRejectedNamingTheReductions) {

@@ -26,7 +26,33 @@ const std::optional<gpipe::Schedule> kForwardAndEverySchedule[] = {
     gpipe::Schedule::OneFOneB,
     gpipe::Schedule::Interleaved1F1B,
     gpipe::Schedule::ZeroBubbleH1,
-    gpipe::Schedule::LoopedBFS};
+    gpipe::Schedule::LoopedBFS,
+    gpipe::Schedule::InterleavedZeroBubble,
+    gpipe::Schedule::ZeroBubbleV,
+    gpipe::Schedule::DualPipeV};
+
+/// Whether `schedule` runs on `partitions` partitions: the V schedules
+/// need an even count.
+inline bool runs_on(
+    const std::optional<gpipe::Schedule>& schedule,
+    int64_t partitions) {
+  return !schedule || !gpipe::places_stages_in_a_v(*schedule) ||
+      partitions % 2 == 0;
+}
+
+/// The lanes the suites run `schedule` on: for the schedules over several
+/// stages per lane and an even count, two partitions on each of
+/// partitions / 2 lanes, as the schedule places them; else empty (the
+/// pipe's default).
+inline std::vector<int64_t> lanes_for(
+    const std::optional<gpipe::Schedule>& schedule,
+    int64_t partitions) {
+  if (!schedule || gpipe::stages_per_lane(*schedule) == 1 ||
+      partitions % 2 == 1) {
+    return {};
+  }
+  return gpipe::schedule_placement(*schedule, partitions, partitions / 2);
+}
 
 /// Linear/Tanh layers, `layers` of each: a model every partition count fits.
 inline torch::nn::Sequential make_mlp(

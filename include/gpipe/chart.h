@@ -168,17 +168,13 @@ inline ScheduleLayout theoretical_schedule(
     int64_t n,
     int64_t m) {
   detail::check_pipe_shape(n, m, "a schedule");
-  // Interleaved 1F1B and looped BFS draw two partitions per lane when K is
-  // even (a lane per row); every other schedule one partition per row.
-  const int64_t lane_count = (schedule == Schedule::Interleaved1F1B ||
-                              schedule == Schedule::LoopedBFS) &&
-          n % 2 == 0
-      ? n / 2
-      : n;
-  std::vector<int64_t> lanes;
-  for (int64_t j = 0; j < n; ++j) {
-    lanes.push_back(j % lane_count);
-  }
+  // The schedules over several stages per lane draw two per lane when K is
+  // even (a lane per row; a V for ZB-V and DualPipeV, which need it); the
+  // others one partition per row.
+  const int64_t per_lane = stages_per_lane(schedule);
+  const int64_t lane_count = n % per_lane == 0 ? n / per_lane : n;
+  const std::vector<int64_t> lanes =
+      schedule_placement(schedule, n, lane_count);
   const char* name = "GPipe";
   switch (schedule) {
     case Schedule::FillDrain:
@@ -194,6 +190,18 @@ inline ScheduleLayout theoretical_schedule(
       break;
     case Schedule::LoopedBFS:
       name = "Looped BFS";
+      break;
+    case Schedule::InterleavedZeroBubble:
+      name = "Interleaved zero bubble";
+      break;
+    case Schedule::ZeroBubbleV:
+      name = "ZB-V";
+      break;
+    case Schedule::DualPipeV:
+      name = "DualPipeV";
+      break;
+    case Schedule::Auto:
+      name = "Auto"; // build_program refuses it: it is searched
       break;
   }
   return program_schedule(

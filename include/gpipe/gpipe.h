@@ -15,7 +15,9 @@
 #include <gpipe/recompute.h>
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
+#include <gpipe/search.h>
 #include <gpipe/simulate.h>
 #include <gpipe/skip.h>
+#include <gpipe/stage_costs.h>
 #include <gpipe/timeline.h>
 #include <gpipe/version.h>

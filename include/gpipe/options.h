@@ -99,6 +99,11 @@ struct GPipeOptions {
   /// partitions per lane is what Schedule::Interleaved1F1B and
   /// Schedule::LoopedBFS run on (partition j on lane j mod L).
   TORCH_ARG(std::vector<int64_t>, lanes) = {};
+  /// With Schedule::Auto: the most micro-batch activations each lane may
+  /// hold at once, counted per stage (a lane whose two stages both hold
+  /// micro-batch i holds 2), as search_schedule's memory_limit; 0: the
+  /// partition count, what 1F1B holds on its first lane.
+  TORCH_ARG(double, activation_limit) = 0;
   /// How `step` combines micro-batch losses.
   TORCH_ARG(Reduction, loss_reduction) = Reduction::Mean;
   /// Give every CPU partition a thread of its own, so CPU partitions run at

@@ -19,6 +19,7 @@
 // later change is reported at the next call rather than silently ignored.
 #pragma once
 
+#include <gpipe/detail/auto_schedule.h>
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/call_scope.h>
 #include <gpipe/detail/drift_guard.h>
@@ -40,6 +41,7 @@
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>
 #include <gpipe/skip.h>
+#include <gpipe/stage_costs.h>
 #include <gpipe/timeline.h>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -388,7 +390,15 @@ class GPipeImpl : public torch::nn::Module {
         target.size(0),
         ")");
     const auto m = static_cast<int64_t>(inputs.size());
+    detail::AutoMeasurement measure(
+        options.program().has_value(),
+        options.schedule(),
+        options.activation_limit(),
+        programs_,
+        m,
+        lane_of_stage());
     const Program& program = step_program_for(m);
+    measure.record(stages_.timeline);
     auto scope = call_scope(m, input_value);
     detail::LaneGradients lane_gradients(
         lane_devices_.size(), scope->call->parameters);
@@ -407,6 +417,9 @@ class GPipeImpl : public torch::nn::Module {
     execute(program, runner);
     lane_gradients.deliver();
     scope->commit();
+    measure.search([&](const std::vector<TimelineEvent>& events) {
+      return stage_costs(events, stages_.stage_count());
+    }); // Note [Schedule::Auto measures its first step]
     return runner.total_loss();
   }
 
@@ -414,7 +427,8 @@ class GPipeImpl : public torch::nn::Module {
   std::vector<detail::Bundle> execute(
       const Program& program,
       detail::StageRunner& runner) {
-    const detail::CallerContext caller = capture_caller_context();
+    const detail::CallerContext caller =
+        detail::capture_caller_context(lane_devices_);
     detail::MailboxTransport transport;
     std::vector<detail::DeviceTask> tasks;
     for (size_t lane = 0; lane < lane_devices_.size(); ++lane) {
@@ -433,20 +447,6 @@ class GPipeImpl : public torch::nn::Module {
         transport,
         stages_.skip_layout.empty() ? nullptr : &skip_channels_);
     return executor.run(std::move(tasks), caller);
-  }
-
-  detail::CallerContext capture_caller_context() const {
-    detail::CallerContext caller{at::ThreadLocalState(), {}};
-    std::vector<torch::Device> seen;
-    for (const auto& device : lane_devices_) {
-      if (device.is_cuda() &&
-          std::find(seen.begin(), seen.end(), device) == seen.end()) {
-        seen.push_back(device);
-        caller.current_streams.push_back(
-            c10::impl::VirtualGuardImpl(device.type()).getStream(device));
-      }
-    }
-    return caller;
   }
 
   SequentialT sequential_{nullptr};

@@ -87,6 +87,29 @@ enum class Schedule {
   /// with one stage per lane: every micro-batch's activations are alive at
   /// the turn; the bubble of V stages per lane is about fill-drain's over V.
   LoopedBFS,
+  /// Zero bubble over V chunks per lane (Qi et al. 2023, ZB1P as
+  /// torch.distributed.pipelining's InterleavedZeroBubble): interleaved
+  /// 1F1B's placement and order, stage s on lane s mod L, with each backward
+  /// split into I and W and the W's deferred into the bubbles. Any number of
+  /// stages per lane; with one it is a zero bubble schedule of its own (not
+  /// ZeroBubbleH1's greedy order).
+  InterleavedZeroBubble,
+  /// Zero bubble in a V (Qi et al. 2023, section 6): two stages per lane,
+  /// stage s and 2L - 1 - s on lane s, so the first and the last stage share
+  /// lane 0 and a micro-batch goes down the lanes and back up. 1F1B's peak
+  /// activations with almost no bubble when F, I and W cost the same.
+  ZeroBubbleV,
+  /// DeepSeek-V3's DualPipeV (Liu et al. 2024): the V placement of
+  /// ZeroBubbleV, with the forward of one stage paired with the backward of
+  /// the other in the steady state. Where pipelining overlaps such a pair
+  /// (OVERLAP_F_B), a lane here runs the two one after the other: one CPU
+  /// thread or one CUDA stream cannot truly overlap them.
+  DualPipeV,
+  /// A program searched for this pipe (search.h): the first step of each
+  /// micro-batch count runs ZeroBubbleH1 and measures every stage's F, I,
+  /// W and messages; later steps run the program search_schedule finds for
+  /// those costs within the options' activation_limit.
+  Auto,
 };
 
 inline const char* to_string(Schedule schedule) {
@@ -101,12 +124,116 @@ inline const char* to_string(Schedule schedule) {
       return "zero_bubble_h1";
     case Schedule::LoopedBFS:
       return "looped_bfs";
+    case Schedule::InterleavedZeroBubble:
+      return "interleaved_zero_bubble";
+    case Schedule::ZeroBubbleV:
+      return "zero_bubble_v";
+    case Schedule::DualPipeV:
+      return "dual_pipe_v";
+    case Schedule::Auto:
+      return "auto";
   }
   return "unknown";
 }
 
 inline std::ostream& operator<<(std::ostream& os, Schedule schedule) {
   return os << to_string(schedule);
+}
+
+/// Every fixed Schedule, in declaration order (all but Auto, which is
+/// searched).
+constexpr Schedule kEverySchedule[] = {
+    Schedule::FillDrain,
+    Schedule::OneFOneB,
+    Schedule::Interleaved1F1B,
+    Schedule::ZeroBubbleH1,
+    Schedule::LoopedBFS,
+    Schedule::InterleavedZeroBubble,
+    Schedule::ZeroBubbleV,
+    Schedule::DualPipeV};
+
+/// Whether `schedule` folds its stages onto lanes in a V: stage s and
+/// 2L - 1 - s on lane s, two stages per lane (ZeroBubbleV, DualPipeV).
+inline bool places_stages_in_a_v(Schedule schedule) {
+  return schedule == Schedule::ZeroBubbleV || schedule == Schedule::DualPipeV;
+}
+
+/// How many stages each lane runs in the placement `schedule` is drawn,
+/// tested and shown with: 1 for the schedules of one stage per lane, 2 for
+/// the others (Interleaved1F1B, LoopedBFS and InterleavedZeroBubble run any
+/// number; ZeroBubbleV and DualPipeV exactly 2).
+inline int64_t stages_per_lane(Schedule schedule) {
+  switch (schedule) {
+    case Schedule::Interleaved1F1B:
+    case Schedule::LoopedBFS:
+    case Schedule::InterleavedZeroBubble:
+    case Schedule::ZeroBubbleV:
+    case Schedule::DualPipeV:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+/// The lane of each of `stages` stages on `lanes` lanes in the placement
+/// `schedule` runs on: stage s on lane s mod L, or in a V for ZeroBubbleV
+/// and DualPipeV (stage s on lane s for s < L, else on 2L - 1 - s; then
+/// stages must be 2L). Throws a c10::Error naming the counts when they do
+/// not fit.
+inline std::vector<int64_t> schedule_placement(
+    Schedule schedule,
+    int64_t stages,
+    int64_t lanes) {
+  TORCH_CHECK(
+      lanes >= 1 && stages >= lanes && stages % lanes == 0,
+      "gpipe: ",
+      to_string(schedule),
+      " places the same number of stages on every lane; ",
+      stages,
+      " stages do not fit ",
+      lanes,
+      " lanes");
+  TORCH_CHECK(
+      !places_stages_in_a_v(schedule) || stages == 2 * lanes,
+      "gpipe: ",
+      to_string(schedule),
+      " runs exactly two stages per lane, in a V: ",
+      stages,
+      " stages need ",
+      stages / 2,
+      " lanes (got ",
+      lanes,
+      stages % 2 == 0 ? ")" : "; and an even number of stages)");
+  std::vector<int64_t> lane_of_stage;
+  for (int64_t s = 0; s < stages; ++s) {
+    lane_of_stage.push_back(
+        places_stages_in_a_v(schedule) && s >= lanes ? 2 * lanes - 1 - s
+                                                     : s % lanes);
+  }
+  return lane_of_stage;
+}
+
+/// The schedule `to_string` names ("fill_drain", "1f1b", ...); throws a
+/// c10::Error naming the text and every valid name when it is none.
+inline Schedule parse_schedule(const std::string& name) {
+  if (name == to_string(Schedule::Auto)) {
+    return Schedule::Auto;
+  }
+  std::string names;
+  for (const Schedule schedule : kEverySchedule) {
+    if (name == to_string(schedule)) {
+      return schedule;
+    }
+    names += names.empty() ? "" : ", ";
+    names += to_string(schedule);
+  }
+  TORCH_CHECK(
+      false,
+      "gpipe: unknown schedule '",
+      name,
+      "' (schedules: ",
+      names,
+      ", auto)");
 }
 
 /// What a partition does to a micro-batch: what a schedule orders (forward,
@@ -218,8 +345,19 @@ inline PartitionActions schedule_actions(
       n,
       ")");
   TORCH_CHECK(
-      schedule != Schedule::Interleaved1F1B,
-      "gpipe: interleaved_1f1b puts several stages on each lane; use build_program with lane_of_stage (m: ",
+      schedule != Schedule::Auto,
+      "gpipe: auto is searched for the costs a pipe measures; use search_schedule (search.h), or Schedule::Auto in a pipe's options (m: ",
+      m,
+      ", n: ",
+      n,
+      ")");
+  TORCH_CHECK(
+      schedule != Schedule::Interleaved1F1B &&
+          schedule != Schedule::InterleavedZeroBubble &&
+          !places_stages_in_a_v(schedule),
+      "gpipe: ",
+      to_string(schedule),
+      " puts several stages on each lane; use build_program with lane_of_stage (m: ",
       m,
       ", n: ",
       n,

@@ -11,11 +11,13 @@
 // lane.
 #pragma once
 
+#include <gpipe/detail/program/zero_bubble_programs.h>
 #include <gpipe/program.h>
 #include <gpipe/schedule.h>
 #include <gpipe/simulate.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -96,22 +98,14 @@ inline Program no_actions(
   return program;
 }
 
-/// Places per-stage lists on lanes: a unit-step run with each stage on its
-/// own lane, then each step's actions appended to their lanes in stage
-/// order. Communication is left to lower().
+/// Runs `apart` (compute only) in unit steps and appends each step's actions
+/// to the lanes of `lane_of_stage`, in the order they start: a lane that
+/// runs what several of apart's lanes ran never waits on work queued behind
+/// it. Communication is left to lower().
 inline Program merge_onto_lanes(
-    const PartitionActions& per_stage,
-    int64_t m,
+    const Program& apart,
     const std::vector<int64_t>& lane_of_stage,
     int64_t lanes) {
-  const auto stages = static_cast<int64_t>(per_stage.size());
-  Program apart;
-  apart.stages = stages;
-  apart.microbatches = m;
-  for (int64_t s = 0; s < stages; ++s) {
-    apart.lane_of_stage.push_back(s);
-  }
-  apart.lanes = per_stage;
   Runner runner(apart, unit_costs(), /*implicit=*/true);
   const Run run = runner.run(no_limit(apart));
   TORCH_CHECK(
@@ -127,7 +121,8 @@ inline Program merge_onto_lanes(
       all.begin(), all.end(), [](const TimedAction& a, const TimedAction& b) {
         return a.start < b.start;
       });
-  Program program = no_actions(stages, m, lane_of_stage, lanes);
+  Program program =
+      no_actions(apart.stages, apart.microbatches, lane_of_stage, lanes);
   for (const auto& timed : all) {
     program
         .lanes[static_cast<size_t>(
@@ -135,6 +130,82 @@ inline Program merge_onto_lanes(
         .push_back(timed.action);
   }
   return program;
+}
+
+/// Places per-stage lists on lanes: each stage on its own lane, merged.
+inline Program merge_onto_lanes(
+    const PartitionActions& per_stage,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  const auto stages = static_cast<int64_t>(per_stage.size());
+  Program apart;
+  apart.stages = stages;
+  apart.microbatches = m;
+  for (int64_t s = 0; s < stages; ++s) {
+    apart.lane_of_stage.push_back(s);
+  }
+  apart.lanes = per_stage;
+  return merge_onto_lanes(apart, lane_of_stage, lanes);
+}
+
+/// Checks that `schedule` can run with stage s on lane_of_stage[s]: stage s
+/// on lane s mod L with as many stages on every lane (Interleaved1F1B,
+/// InterleavedZeroBubble), or stage s and 2L - 1 - s on lane s
+/// (ZeroBubbleV, DualPipeV). The error says what would fit.
+inline void check_schedule_placement(
+    Schedule schedule,
+    int64_t stages,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  const bool v = places_stages_in_a_v(schedule);
+  TORCH_CHECK(
+      !v || stages % 2 == 0,
+      "gpipe: ",
+      to_string(schedule),
+      " runs exactly two stages per lane, in a V, so it needs an even number of stages (stages: ",
+      stages,
+      ", lanes: ",
+      lanes,
+      ")");
+  TORCH_CHECK(
+      !v || stages == 2 * lanes,
+      "gpipe: ",
+      to_string(schedule),
+      " runs exactly two stages per lane, in a V (stages: ",
+      stages,
+      ", lanes: ",
+      lanes,
+      "); for ",
+      stages,
+      " stages put them on lanes [",
+      c10::Join(", ", schedule_placement(schedule, stages, stages / 2)),
+      "] (schedule_placement)");
+  TORCH_CHECK(
+      v || stages % lanes == 0,
+      "gpipe: ",
+      to_string(schedule),
+      " needs the same number of stages on every lane (stages: ",
+      stages,
+      ", lanes: ",
+      lanes,
+      ")");
+  for (int64_t s = 0; s < stages; ++s) {
+    const int64_t want = v ? std::min(s, 2 * lanes - 1 - s) : s % lanes;
+    TORCH_CHECK(
+        lane_of_stage[static_cast<size_t>(s)] == want,
+        "gpipe: ",
+        to_string(schedule),
+        v ? " puts stage s and 2L - 1 - s on lane s"
+          : " puts stage s on lane s mod L",
+        ", but stage ",
+        s,
+        " is on lane ",
+        lane_of_stage[static_cast<size_t>(s)],
+        " (lanes: ",
+        lanes,
+        ")");
+  }
 }
 
 /// Megatron's interleaved 1F1B on L lanes, V = stages / L chunks per lane,
@@ -156,24 +227,8 @@ inline Program interleaved(
     int64_t m,
     const std::vector<int64_t>& lane_of_stage,
     int64_t lanes) {
-  for (int64_t s = 0; s < stages; ++s) {
-    TORCH_CHECK(
-        lane_of_stage[static_cast<size_t>(s)] == s % lanes,
-        "gpipe: interleaved_1f1b puts stage s on lane s mod L, but stage ",
-        s,
-        " is on lane ",
-        lane_of_stage[static_cast<size_t>(s)],
-        " (lanes: ",
-        lanes,
-        ")");
-  }
-  TORCH_CHECK(
-      stages % lanes == 0,
-      "gpipe: interleaved_1f1b needs the same number of stages on every lane (stages: ",
-      stages,
-      ", lanes: ",
-      lanes,
-      ")");
+  check_schedule_placement(
+      Schedule::Interleaved1F1B, stages, lane_of_stage, lanes);
   const int64_t chunks = stages / lanes;
   Program program = no_actions(stages, m, lane_of_stage, lanes);
   for (int64_t l = 0; l < lanes; ++l) {
@@ -248,6 +303,56 @@ inline Program looped_bfs(
   return program;
 }
 
+/// The smallest count from m on for which pipelining's interleaved zero
+/// bubble has whole rounds: a multiple of max(1, count / L).
+inline int64_t whole_rounds(int64_t m, int64_t lanes) {
+  int64_t count = m;
+  while (count % std::max<int64_t>(1, count / lanes) != 0) {
+    ++count;
+  }
+  return count;
+}
+
+/// One of the zero bubble schedules over several stages per lane, lane by
+/// lane (Note [The anchor's orders]).
+inline Program zero_bubble_over_lanes(
+    Schedule schedule,
+    int64_t stages,
+    int64_t m,
+    const std::vector<int64_t>& lane_of_stage,
+    int64_t lanes) {
+  if (lanes == 1 && places_stages_in_a_v(schedule) && stages % 2 == 0 &&
+      stages > 2) {
+    // Every stage on one lane (a CPU pipe's default): the V on stages / 2
+    // lanes, merged onto the one.
+    const int64_t folded = stages / 2;
+    return merge_onto_lanes(
+        zero_bubble_over_lanes(
+            schedule,
+            stages,
+            m,
+            schedule_placement(schedule, stages, folded),
+            folded),
+        lane_of_stage,
+        lanes);
+  }
+  check_schedule_placement(schedule, stages, lane_of_stage, lanes);
+  Program program = no_actions(stages, m, lane_of_stage, lanes);
+  for (int64_t l = 0; l < lanes; ++l) {
+    auto& mine = program.lanes[static_cast<size_t>(l)];
+    if (schedule == Schedule::InterleavedZeroBubble) {
+      mine = interleaved_zero_bubble_lane(
+          l, lanes, stages / lanes, whole_rounds(m, lanes));
+    } else if (schedule == Schedule::ZeroBubbleV) {
+      mine = zero_bubble_v_lane(l, lanes, std::max(m, 2 * lanes - 1));
+    } else {
+      mine = dual_pipe_v_lane(l, lanes, std::max(m, 2 * lanes));
+    }
+    keep_first_microbatches(mine, m);
+  }
+  return program;
+}
+
 } // namespace detail
 
 /// The forward of every micro-batch on every stage, in clock_cycles order
@@ -274,8 +379,11 @@ inline Program forward_program(
 
 /// The program of `schedule` for `microbatches` micro-batches through
 /// `stages` stages, stage s on lane lane_of_stage[s] (lanes 0..L-1, each
-/// used); lowered. Interleaved1F1B needs stage s on lane s mod L; LoopedBFS
-/// takes any placement (stage s on lane s mod L is pipelining's).
+/// used); lowered. Interleaved1F1B and InterleavedZeroBubble need stage s
+/// on lane s mod L, ZeroBubbleV and DualPipeV stage s and 2L - 1 - s on
+/// lane s (schedule_placement gives either; the V schedules also run every
+/// stage on one lane, as a V merged onto it); LoopedBFS takes any placement
+/// (stage s on lane s mod L is pipelining's).
 inline Program build_program(
     Schedule schedule,
     int64_t stages,
@@ -290,6 +398,11 @@ inline Program build_program(
   if (schedule == Schedule::LoopedBFS) {
     return lower(
         detail::looped_bfs(stages, microbatches, lane_of_stage, lanes));
+  }
+  if (schedule == Schedule::InterleavedZeroBubble ||
+      places_stages_in_a_v(schedule)) {
+    return lower(detail::zero_bubble_over_lanes(
+        schedule, stages, microbatches, lane_of_stage, lanes));
   }
   return lower(detail::merge_onto_lanes(
       schedule_actions(schedule, microbatches, stages),

@@ -21,8 +21,56 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace gpipe {
+
+/// As simulate(program, costs), with stage s's actions taking
+/// stage_costs[s] (its `comm`: a message into stage s). One entry stands for
+/// every stage. For stages of unequal cost, as a profiler measures them.
+inline Simulation simulate(
+    const Program& given,
+    const std::vector<Costs>& stage_costs) {
+  TORCH_CHECK(
+      stage_costs.size() == 1 ||
+          static_cast<int64_t>(stage_costs.size()) == given.stages,
+      "gpipe: simulate needs one Costs, or one per stage (stages: ",
+      given.stages,
+      ", costs: ",
+      stage_costs.size(),
+      ")");
+  for (size_t s = 0; s < stage_costs.size(); ++s) {
+    const Costs& costs = stage_costs[s];
+    TORCH_CHECK(
+        costs.F >= 0 && costs.B >= 0 && costs.I >= 0 && costs.W >= 0 &&
+            costs.comm >= 0,
+        "gpipe: simulate needs costs of zero or more (",
+        stage_costs.size() == 1 ? "" : "stage " + std::to_string(s) + ": ",
+        "F: ",
+        costs.F,
+        ", B: ",
+        costs.B,
+        ", I: ",
+        costs.I,
+        ", W: ",
+        costs.W,
+        ", comm: ",
+        costs.comm,
+        ")");
+  }
+  // A program without communication gets it here, as the pipe would run it.
+  const Program program = lower(given);
+  detail::check_program(program);
+  const detail::Run layout = detail::unit_time_run(program);
+  detail::Runner timed(program, stage_costs, false);
+  detail::Run run = timed.run(detail::no_limit(program));
+  Simulation simulation;
+  simulation.makespan = detail::end_of(run);
+  simulation.peak_in_flight = detail::peak_in_flight(program, run.lanes);
+  simulation.lanes = std::move(run.lanes);
+  simulation.grid = detail::grid_of(layout, detail::end_of(layout));
+  return simulation;
+}
 
 /// Runs `program` with `costs` and returns its run; throws a c10::Error
 /// "gpipe: invalid program: <fault>" followed by the grid so far and a last
@@ -45,32 +93,7 @@ namespace gpipe {
 /// B or I. A receive ends `comm` after both its lane is free and its send is
 /// done.
 inline Simulation simulate(const Program& given, const Costs& costs = {}) {
-  TORCH_CHECK(
-      costs.F >= 0 && costs.B >= 0 && costs.I >= 0 && costs.W >= 0 &&
-          costs.comm >= 0,
-      "gpipe: simulate needs costs of zero or more (F: ",
-      costs.F,
-      ", B: ",
-      costs.B,
-      ", I: ",
-      costs.I,
-      ", W: ",
-      costs.W,
-      ", comm: ",
-      costs.comm,
-      ")");
-  // A program without communication gets it here, as the pipe would run it.
-  const Program program = lower(given);
-  detail::check_program(program);
-  const detail::Run layout = detail::unit_time_run(program);
-  detail::Runner timed(program, costs, false);
-  detail::Run run = timed.run(detail::no_limit(program));
-  Simulation simulation;
-  simulation.makespan = detail::end_of(run);
-  simulation.peak_in_flight = detail::peak_in_flight(program, run.lanes);
-  simulation.lanes = std::move(run.lanes);
-  simulation.grid = detail::grid_of(layout, detail::end_of(layout));
-  return simulation;
+  return simulate(given, std::vector<Costs>{costs});
 }
 
 } // namespace gpipe

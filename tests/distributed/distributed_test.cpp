@@ -32,17 +32,13 @@ using gpipe::Checkpoint;
 using gpipe::Reduction;
 using gpipe::Schedule;
 
-constexpr Schedule kSchedules[] = {
-    Schedule::FillDrain,
-    Schedule::OneFOneB,
-    Schedule::Interleaved1F1B,
-    Schedule::ZeroBubbleH1,
-    Schedule::LoopedBFS};
-/// The schedules that run several stages per rank.
-bool looped(Schedule schedule) {
-  return schedule == Schedule::Interleaved1F1B ||
-      schedule == Schedule::LoopedBFS;
-}
+/// Every fixed schedule, then Schedule::Auto.
+const std::vector<Schedule> kSchedules = [] {
+  std::vector<Schedule> every(
+      std::begin(gpipe::kEverySchedule), std::end(gpipe::kEverySchedule));
+  every.push_back(Schedule::Auto);
+  return every;
+}();
 
 constexpr Checkpoint kModes[] = {
     Checkpoint::Never,
@@ -151,13 +147,26 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
                              .checkpoint(mode)
                              .loss_reduction(reduction)
                              .match_by_order(arg(args, "by_order", 0) != 0)
-                             .stages_per_rank(looped(schedule) ? 2 : 1);
+                             .stages_per_rank(gpipe::stages_per_lane(schedule));
           if (arg(args, "nccl", 0) != 0) {
             // cuda:LOCAL_RANK, a GPU per rank.
             options.device(torch::kCUDA).backend(gd::Backend::Nccl);
           } else if (arg(args, "cuda", 0) != 0) {
             options.device(torch::Device(torch::kCUDA, 0))
                 .backend(gd::Backend::Gloo);
+          }
+          if (arg(args, "user_program", 0) != 0) {
+            // The schedule's program, given as the user's own: it places
+            // the stages on the ranks itself.
+            if (schedule == Schedule::Auto) {
+              continue;
+            }
+            const int64_t n = stages * options.stages_per_rank();
+            options.program(gpipe::build_program(
+                schedule,
+                n,
+                m,
+                gpipe::schedule_placement(schedule, n, stages)));
           }
           std::vector<int64_t> built;
           gd::DistributedGPipe pipe(nullptr);
@@ -474,7 +483,7 @@ int several_tensors(const std::shared_ptr<gd::World>& world) {
         gd::DistributedOptions(2)
             .microbatches(3)
             .schedule(schedule)
-            .stages_per_rank(looped(schedule) ? 2 : 1));
+            .stages_per_rank(gpipe::stages_per_lane(schedule)));
     torch::manual_seed(9);
     const auto x = torch::randn({7, 5}, torch::kFloat64);
     const auto mask = (torch::rand({7, 5}) > 0.3).to(torch::kFloat64);
@@ -907,6 +916,13 @@ TEST(Distributed, TwoReplicasOfTwoStagesTrainLikePlainOverNccl_MultiCUDA) {
   }
   expect_all_succeeded(
       mp::run({"train", "stages=2,m=3,steps=3,batches=11:7,sum=1,nccl=1", 4}));
+}
+
+TEST(Distributed, RanksRunAProgramOfTheirOwnPlacedByItsLanesAndTrainLikePlain) {
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=1:3,steps=2,user_program=1,by_order=1", 2}));
+  expect_all_succeeded(
+      mp::run({"train", "stages=4,m=3:8,steps=2,user_program=1", 4}));
 }
 
 TEST(Distributed, FourRanksTrainLikePlainForSeveralOptimizerSteps) {

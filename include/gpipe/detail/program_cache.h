@@ -1,7 +1,7 @@
 // The programs a pipe runs, built and validated once per shape: `step()`'s
 // per (schedule, micro-batch count, messages matched by order or not), the
-// user's own program lowered once, and `forward()`'s forward-only program
-// per count. Both pipes keep one.
+// user's own program lowered once, the programs Schedule::Auto searched,
+// and `forward()`'s forward-only program per count. Both pipes keep one.
 #pragma once
 
 #include <gpipe/options.h>
@@ -35,7 +35,21 @@ class ProgramCache {
     if (!options.program()) {
       return scheduled(options.schedule(), n, m, lanes);
     }
-    const Program& mine = *options.program();
+    return given(
+        *options.program(), n, m, lanes, false, "set GPipeOptions::lanes");
+  }
+
+  /// The user's program `mine`, checked against the pipe (n stages, this
+  /// batch's m micro-batches, `lanes`; `fix` says how to match the lanes),
+  /// lowered and validated once; with `by_order`, placed and checked for
+  /// messages matched by order.
+  const Program& given(
+      const Program& mine,
+      int64_t n,
+      int64_t m,
+      const std::vector<int64_t>& lanes,
+      bool by_order,
+      const char* fix) {
     TORCH_CHECK(
         mine.stages == n && mine.microbatches == m,
         "gpipe: the program has ",
@@ -53,29 +67,44 @@ class ProgramCache {
         c10::Join(", ", mine.lane_of_stage),
         "], but the pipe runs its partitions on lanes [",
         c10::Join(", ", lanes),
-        "] (set GPipeOptions::lanes to match)");
-    if (!user_program_ || !(user_program_->first == mine)) {
+        "] (",
+        fix,
+        " to match)");
+    auto& kept = user_programs_[by_order ? 1 : 0];
+    if (!kept || !(kept->first == mine)) {
       Program lowered = lower(mine);
       simulate(lowered); // validates, throws with the grid
-      user_program_.emplace(mine, std::move(lowered));
+      if (by_order) {
+        lowered = lower_for_ordered_messages(lowered);
+        simulate(lowered);
+        check_ordered_messages(lowered);
+      }
+      kept.emplace(mine, std::move(lowered));
     }
-    return user_program_->second;
+    return kept->second;
   }
 
   /// `schedule`'s program for m micro-batches through n stages on
   /// `lanes`, lowered and validated; with `by_order`, its receives placed
   /// for messages matched by order and checked (Note [Messages matched by
   /// order]).
+  /// Schedule::Auto's program is the one searched for m (keep_searched),
+  /// or ZeroBubbleH1's until a step has measured it.
   const Program& scheduled(
       Schedule schedule,
       int64_t n,
       int64_t m,
       const std::vector<int64_t>& lanes,
       bool by_order = false) {
+    if (schedule == Schedule::Auto && searched_limit_.count(m) == 0) {
+      schedule = Schedule::ZeroBubbleH1;
+    }
     const auto key = std::make_tuple(static_cast<int>(schedule), m, by_order);
     auto found = programs_.find(key);
     if (found == programs_.end()) {
-      Program program = build_program(schedule, n, m, lanes);
+      Program program = schedule == Schedule::Auto
+          ? programs_.at(std::make_tuple(static_cast<int>(schedule), m, false))
+          : build_program(schedule, n, m, lanes);
       simulate(program);
       if (by_order) {
         program = lower_for_ordered_messages(program);
@@ -85,6 +114,22 @@ class ProgramCache {
       found = programs_.emplace(key, std::move(program)).first;
     }
     return found->second;
+  }
+
+  /// Whether Schedule::Auto has a program searched for m micro-batches
+  /// within activation limit `limit`.
+  bool measured(int64_t m, double limit) const {
+    const auto found = searched_limit_.find(m);
+    return found != searched_limit_.end() && found->second == limit;
+  }
+
+  /// Keeps `program` (lowered, validated) as Schedule::Auto's for m
+  /// micro-batches, searched within `limit`.
+  void keep_searched(int64_t m, double limit, Program program) {
+    programs_.erase(std::make_tuple(static_cast<int>(Schedule::Auto), m, true));
+    programs_[std::make_tuple(static_cast<int>(Schedule::Auto), m, false)] =
+        std::move(program);
+    searched_limit_[m] = limit;
   }
 
   /// The forward-only program for m micro-batches (clock_cycles' order).
@@ -104,7 +149,9 @@ class ProgramCache {
  private:
   std::map<std::tuple<int, int64_t, bool>, Program> programs_;
   std::map<int64_t, Program> forward_programs_;
-  std::optional<std::pair<Program, Program>> user_program_; // as given, lowered
+  std::map<int64_t, double> searched_limit_; // Schedule::Auto's, per m
+  // The user's program as given and lowered, by tags [0] and by order [1].
+  std::optional<std::pair<Program, Program>> user_programs_[2];
 };
 
 } // namespace gpipe::detail

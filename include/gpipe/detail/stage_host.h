@@ -56,12 +56,13 @@ inline void check_modes(
   const auto s = static_cast<int>(schedule);
   TORCH_CHECK(
       s >= static_cast<int>(Schedule::FillDrain) &&
-          s <= static_cast<int>(Schedule::LoopedBFS),
+          s <= static_cast<int>(Schedule::Auto),
       "gpipe: schedule is not a Schedule (value: ",
       s,
       "); use Schedule::FillDrain, Schedule::OneFOneB, ",
-      "Schedule::Interleaved1F1B, Schedule::ZeroBubbleH1 or ",
-      "Schedule::LoopedBFS");
+      "Schedule::Interleaved1F1B, Schedule::ZeroBubbleH1, ",
+      "Schedule::LoopedBFS, Schedule::InterleavedZeroBubble, ",
+      "Schedule::ZeroBubbleV, Schedule::DualPipeV or Schedule::Auto");
   const auto r = static_cast<int>(reduction);
   TORCH_CHECK(
       r == static_cast<int>(Reduction::Mean) ||

@@ -19,8 +19,10 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -89,6 +91,23 @@ struct CallerContext {
   at::ThreadLocalState thread_local_state;
   std::vector<c10::Stream> current_streams;
 };
+
+/// The calling thread's context, with its current stream on each CUDA
+/// device among `devices` (once each).
+inline CallerContext capture_caller_context(
+    const std::vector<c10::Device>& devices) {
+  CallerContext caller{at::ThreadLocalState(), {}};
+  std::vector<c10::Device> seen;
+  for (const auto& device : devices) {
+    if (device.is_cuda() &&
+        std::find(seen.begin(), seen.end(), device) == seen.end()) {
+      seen.push_back(device);
+      caller.current_streams.push_back(
+          c10::impl::VirtualGuardImpl(device.type()).getStream(device));
+    }
+  }
+  return caller;
+}
 
 /// Work for one device in one round: `run` is called on `worker` (or on the
 /// caller's thread when `worker` is null) with that device as the current one.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <gpipe/options.h>
+#include <gpipe/program.h>
 #include <gpipe/schedule.h>
 
 #include <c10/util/StringUtil.h>
@@ -11,7 +12,9 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
+#include <string>
 #include <vector>
 
 namespace gpipe::distributed {
@@ -79,6 +82,14 @@ struct DistributedOptions {
   /// waits NCCL gets (Note [Messages matched by order]), to run on CPUs
   /// what NCCL would run. NCCL always does.
   TORCH_ARG(bool, match_by_order) = false;
+  /// A program of your own for `step` (program.h; pipelining's CSV files
+  /// through program_csv.h), run instead of `schedule()`: its lanes are the
+  /// ranks of a pipeline, so it places the stages (stage s on position
+  /// lane_of_stage[s]); it must have stages * stages_per_rank stages and the
+  /// batch's micro-batch count, and is validated before it runs.
+  TORCH_ARG(std::optional<Program>, program) = std::nullopt;
+  /// With Schedule::Auto, as GPipeOptions::activation_limit (per rank).
+  TORCH_ARG(double, activation_limit) = 0;
 };
 
 inline std::ostream& operator<<(
@@ -94,7 +105,12 @@ inline std::ostream& operator<<(
                 << ", agree_shapes_every_step="
                 << options.agree_shapes_every_step()
                 << ", backend=" << options.backend()
-                << ", match_by_order=" << options.match_by_order();
+                << ", match_by_order=" << options.match_by_order()
+                << ", activation_limit=" << options.activation_limit()
+                << ", program="
+                << (options.program()
+                        ? "\n" + format_program(*options.program())
+                        : std::string("none"));
 }
 
 } // namespace gpipe::distributed

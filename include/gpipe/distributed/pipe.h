@@ -14,8 +14,13 @@
 // With `stages_per_rank(v)`, the model is cut into stages * v virtual stages
 // and rank position p runs stages p, p + stages, p + 2 * stages, ...: the
 // placement of interleaved 1F1B, whose program the executor runs unchanged.
+// The V schedules (ZeroBubbleV, DualPipeV; v = 2) fold the stages instead:
+// position p runs stages p and 2 stages - 1 - p, so position 0 holds the
+// first stage and the last (it takes the input and the target, and tells
+// the others the loss).
 #pragma once
 
+#include <gpipe/detail/auto_schedule.h>
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/executor.h>
 #include <gpipe/detail/microbatch.h>
@@ -26,6 +31,7 @@
 #include <gpipe/detail/stage_host.h>
 #include <gpipe/detail/step_runner.h>
 #include <gpipe/distributed/agreement.h>
+#include <gpipe/distributed/auto_schedule.h>
 #include <gpipe/distributed/failure.h>
 #include <gpipe/distributed/options.h>
 #include <gpipe/distributed/placement.h>
@@ -39,6 +45,7 @@
 #include <gpipe/schedule.h>
 #include <gpipe/schedules.h>
 #include <gpipe/simulate.h>
+#include <gpipe/stage_costs.h>
 #include <gpipe/timeline.h>
 
 #include <c10/core/DeviceGuard.h>
@@ -54,6 +61,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <sstream>
 #include <string>
@@ -209,6 +217,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
   /// `by_order`, the one for messages matched by order (Note [Messages
   /// matched by order]), checked before it runs.
   const Program& program_for(int64_t m, bool by_order = false) {
+    if (options.program()) {
+      return programs_.given(
+          *options.program(),
+          n_,
+          m,
+          placement_.lane_of_stage(),
+          by_order,
+          "the pipe was built with another program; build it with this one");
+    }
     return programs_.scheduled(
         options.schedule(), n_, m, placement_.lane_of_stage(), by_order);
   }
@@ -341,12 +358,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
       inputs = gpipe::detail::scatter_bundle(
           input, std::min(options.microbatches(), input.front().size(0)));
       header = detail::StepHeader::of(input, inputs.size(), is_list);
-      for (int64_t p = 1; p < options.stages(); ++p) {
-        transport.messages().send_control(
-            header.message(),
-            placement_.replica * options.stages() + p,
-            kBatch);
-      }
+      detail::tell_the_pipeline(
+          transport, placement_, header.message(), kBatch);
     } else {
       auto message = detail::StepHeader().message();
       transport.messages().recv_control(
@@ -374,8 +387,16 @@ class DistributedGPipeImpl : public torch::nn::Module {
     const int64_t signature = header.signature;
     const bool by_order =
         !options.agree_shapes_every_step() && transport.can_order(signature);
+    gpipe::detail::AutoMeasurement measure(
+        options.program().has_value(),
+        options.schedule(),
+        options.activation_limit(),
+        programs_,
+        m,
+        placement_.lane_of_stage());
     const Program& program = program_for(m, by_order);
     last_by_order_ = by_order;
+    measure.record(stages_.timeline);
     auto call = make_call(m, header.input_is_list);
     gpipe::detail::LaneGradients lane_gradients(1, call->parameters);
     call->lane_gradients = &lane_gradients;
@@ -425,10 +446,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     if (is_last()) {
       loss[0] =
           runner.total_loss().to(torch::kCPU, torch::kFloat64).item<double>();
-      for (int64_t p = 0; p + 1 < options.stages(); ++p) {
-        transport.messages().send_control(
-            loss.clone(), placement_.replica * options.stages() + p, kLoss);
-      }
+      detail::tell_the_pipeline(transport, placement_, loss, kLoss);
     } else {
       transport.messages().wait_control(kLoss, "the loss of this step");
     }
@@ -436,6 +454,9 @@ class DistributedGPipeImpl : public torch::nn::Module {
       loss = replicas_->reduce(
           call->parameters, earlier, batch, loss, options.loss_reduction());
     }
+    measure.search([&](const std::vector<TimelineEvent>& events) {
+      return detail::agreed_stage_costs(*world_, placement_, events);
+    }); // Note [Schedule::Auto measures its first step]
     return loss.reshape({});
   }
 

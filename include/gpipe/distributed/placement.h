@@ -1,7 +1,8 @@
 // Where each stage of a pipe across processes runs: the World's ranks form
 // `replicas` pipelines of `stages` ranks (rank = replica * stages +
-// position), rank position p runs stages p, p + stages, ... (Note
-// [Interleaved stages across ranks]), on the device and over the backend
+// position), rank position p runs stages p, p + stages, ..., or p and
+// 2 stages - 1 - p for the V schedules (Note [Interleaved stages across
+// ranks]), on the device and over the backend
 // its options name. Checked and fixed when the pipe is built.
 #pragma once
 
@@ -10,6 +11,7 @@
 #include <gpipe/distributed/bundle_header.h>
 #include <gpipe/distributed/options.h>
 #include <gpipe/distributed/world.h>
+#include <gpipe/schedule.h>
 
 #include <c10/util/Exception.h>
 #include <torch/cuda.h>
@@ -32,35 +34,91 @@ struct RankPlacement {
   int64_t position = 0;
   std::vector<int64_t> my_stages; // ascending
   std::vector<int64_t> rank_of_stage; // in this rank's pipeline
+  std::vector<int64_t> position_of_stage; // the program's lanes
   bool nccl = false;
 
   /// The position in the pipeline that runs each stage: the program's
   /// lanes.
-  std::vector<int64_t> lane_of_stage() const {
-    std::vector<int64_t> lanes;
-    for (int64_t s = 0; s < stages_total; ++s) {
-      lanes.push_back(s % stages);
-    }
-    return lanes;
+  const std::vector<int64_t>& lane_of_stage() const {
+    return position_of_stage;
   }
 
   /// "rank 3 (stage 1)", "rank 1 (stages 1 3)".
   std::string describe(int64_t rank) const {
     const int64_t position = rank % stages;
     std::ostringstream text;
-    text << "rank " << rank << " (stage";
-    if (stages_per_rank > 1) {
-      text << "s";
-      for (int64_t s = position; s < stages_total; s += stages) {
+    text << "rank " << rank << " (stage" << (stages_per_rank > 1 ? "s" : "");
+    for (int64_t s = 0; s < stages_total; ++s) {
+      if (position_of_stage[static_cast<size_t>(s)] == position) {
         text << " " << s;
       }
-    } else {
-      text << " " << position;
     }
     text << ")";
     return text.str();
   }
 };
+
+/// The position of each of `stages_total` stages in a pipeline of `stages`
+/// ranks (Note [Interleaved stages across ranks]): the V schedules fold the
+/// stages, stage s and 2 stages - 1 - s on position s; a program of the
+/// user's places them as its lanes say; the others interleave them.
+inline std::vector<int64_t> positions_of_stages(
+    const DistributedOptions& options,
+    int64_t stages,
+    int64_t stages_total) {
+  const Schedule schedule = options.schedule();
+  if (options.program()) {
+    const Program& program = *options.program();
+    TORCH_CHECK(
+        program.stages == stages_total &&
+            static_cast<int64_t>(program.lane_of_stage.size()) ==
+                program.stages &&
+            static_cast<int64_t>(program.lanes.size()) == stages,
+        "gpipe: the program has ",
+        program.stages,
+        " stages on ",
+        program.lanes.size(),
+        " lanes, but the pipe has ",
+        stages_total,
+        " stages (stages * stages_per_rank) on ",
+        stages,
+        " ranks per pipeline");
+    std::vector<bool> used(static_cast<size_t>(stages), false);
+    for (int64_t s = 0; s < stages_total; ++s) {
+      const int64_t lane = program.lane_of_stage[static_cast<size_t>(s)];
+      TORCH_CHECK(
+          lane >= 0 && lane < stages,
+          "gpipe: the program puts stage ",
+          s,
+          " on lane ",
+          lane,
+          "; its lanes are the ",
+          stages,
+          " ranks of a pipeline, 0..",
+          stages - 1);
+      used[static_cast<size_t>(lane)] = true;
+    }
+    for (int64_t l = 0; l < stages; ++l) {
+      TORCH_CHECK(
+          used[static_cast<size_t>(l)],
+          "gpipe: the program puts no stage on lane ",
+          l,
+          "; every rank of a pipeline runs a stage");
+    }
+    return program.lane_of_stage;
+  }
+  TORCH_CHECK(
+      !places_stages_in_a_v(schedule) || options.stages_per_rank() == 2,
+      "gpipe: ",
+      to_string(schedule),
+      " runs exactly two stages per rank, in a V; set stages_per_rank(2) (got ",
+      options.stages_per_rank(),
+      ")");
+  return schedule_placement(
+      places_stages_in_a_v(schedule) ? schedule : Schedule::LoopedBFS,
+      stages_total,
+      stages);
+}
 
 /// Places this rank of `world` as `options` say; resolves a CUDA device
 /// without an index to cuda:LOCAL_RANK.
@@ -141,12 +199,15 @@ inline RankPlacement place_on_ranks(
   placement.replicas = world.size() / stages;
   placement.replica = world.rank() / stages;
   placement.position = world.rank() % stages;
-  for (int64_t s = placement.position; s < placement.stages_total;
-       s += stages) {
-    placement.my_stages.push_back(s);
-  }
+  placement.position_of_stage =
+      positions_of_stages(options, stages, placement.stages_total);
   for (int64_t s = 0; s < placement.stages_total; ++s) {
-    placement.rank_of_stage.push_back(placement.replica * stages + s % stages);
+    const int64_t position =
+        placement.position_of_stage[static_cast<size_t>(s)];
+    if (position == placement.position) {
+      placement.my_stages.push_back(s);
+    }
+    placement.rank_of_stage.push_back(placement.replica * stages + position);
   }
   placement.stages = stages;
   placement.stages_per_rank = options.stages_per_rank();

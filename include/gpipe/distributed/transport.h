@@ -70,7 +70,8 @@ struct OrderedPath {
 
 /// Where this rank's steps go by order, if they do (Note [Ordered steps]):
 /// NCCL carries the data of steps whose shapes are agreed, over a group of
-/// this pipeline's ranks in stage order (stage s is its rank s % stages);
+/// this pipeline's ranks in position order (stage s is its rank at the
+/// stage's position);
 /// Gloo does with match_by_order, over the World's group.
 inline OrderedPath ordered_path(
     World& world,
@@ -84,9 +85,7 @@ inline OrderedPath ordered_path(
         prefix + "nccl_pipeline_" + std::to_string(placement.replica),
         std::vector<int64_t>(first, first + placement.stages),
         options.device());
-    for (int64_t s = 0; s < placement.stages_total; ++s) {
-      path.rank_of_stage.push_back(s % placement.stages);
-    }
+    path.rank_of_stage = placement.lane_of_stage();
     path.device = options.device();
     path.coalesce = true;
   } else if (options.match_by_order()) {
@@ -408,5 +407,20 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   bool agree_every_time_ = false;
   std::vector<int64_t> last_header_; // when agreeing every time
 };
+
+/// Sends `message` to every other rank of this rank's pipeline, tagged
+/// `tag` (the batch's header, the step's loss).
+inline void tell_the_pipeline(
+    ProcessGroupTransport& transport,
+    const RankPlacement& placement,
+    const torch::Tensor& message,
+    int64_t tag) {
+  for (int64_t p = 0; p < placement.stages; ++p) {
+    if (p != placement.position) {
+      transport.messages().send_control(
+          message.clone(), placement.replica * placement.stages + p, tag);
+    }
+  }
+}
 
 } // namespace gpipe::distributed::detail

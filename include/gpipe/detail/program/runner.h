@@ -33,7 +33,11 @@ class Runner {
   /// action waits directly for the one it consumes), for laying out programs
   /// before they are lowered.
   Runner(const Program& program, const Costs& costs, bool implicit)
-      : p_(program), costs_(costs), implicit_(implicit) {
+      : Runner(program, std::vector<Costs>{costs}, implicit) {}
+
+  /// Stage s's actions take stage_costs[s] (one entry: every stage's).
+  Runner(const Program& program, std::vector<Costs> stage_costs, bool implicit)
+      : p_(program), costs_(std::move(stage_costs)), implicit_(implicit) {
     end_.assign(static_cast<size_t>(8 * p_.stages * p_.microbatches), kNotYet);
   }
 
@@ -65,7 +69,7 @@ class Runner {
       }
       const auto l = static_cast<size_t>(best);
       const Action& a = p_.lanes[l][run.next[l]];
-      const double end = best_start + duration(a.op);
+      const double end = best_start + duration(a);
       done(a) = end;
       run.lanes[l].push_back({a, best_start, end});
       free[l] = end;
@@ -133,19 +137,21 @@ class Runner {
     return a.stage >= 0 && a.stage < p_.stages && a.microbatch >= 0 &&
         a.microbatch < p_.microbatches;
   }
-  double duration(Op op) const {
-    switch (op) {
+  double duration(const Action& a) const {
+    const Costs& costs =
+        costs_[costs_.size() == 1 ? 0 : static_cast<size_t>(a.stage)];
+    switch (a.op) {
       case Op::F:
-        return costs_.F;
+        return costs.F;
       case Op::B:
-        return costs_.B;
+        return costs.B;
       case Op::I:
-        return costs_.I;
+        return costs.I;
       case Op::W:
-        return costs_.W;
+        return costs.W;
       case Op::RECV_F:
       case Op::RECV_B:
-        return costs_.comm;
+        return costs.comm;
       default:
         return 0;
     }
@@ -165,7 +171,7 @@ class Runner {
   }
 
   const Program& p_;
-  Costs costs_;
+  std::vector<Costs> costs_; // per stage, or one for all
   bool implicit_;
   std::vector<double> end_;
 };
@@ -276,34 +282,40 @@ inline std::string lane_action(size_t lane, const Action& action) {
   return text;
 }
 
+/// The most that `changes` (time, amount added or, negative, released) hold
+/// at once, releases first on ties.
+inline double peak_of(std::vector<std::pair<double, double>> changes) {
+  std::sort(changes.begin(), changes.end());
+  double now = 0;
+  double peak = 0;
+  for (const auto& change : changes) {
+    now += change.second;
+    peak = std::max(peak, now);
+  }
+  return peak;
+}
+
 /// Per stage: the most micro-batches whose F has started and whose memory
 /// is not yet released (at the end of B, or of W for a split backward).
 inline std::vector<int64_t> peak_in_flight(
     const Program& program,
     const std::vector<std::vector<TimedAction>>& lanes) {
-  // (time, +1 at an F's start or -1 at a release), releases first on ties.
-  std::vector<std::vector<std::pair<double, int>>> events(
+  // (time, +1 at an F's start or -1 at a release).
+  std::vector<std::vector<std::pair<double, double>>> changes(
       static_cast<size_t>(program.stages));
   for (const auto& lane : lanes) {
     for (const auto& timed : lane) {
-      auto& mine = events[static_cast<size_t>(timed.action.stage)];
+      auto& mine = changes[static_cast<size_t>(timed.action.stage)];
       if (timed.action.op == Op::F) {
-        mine.emplace_back(timed.start, 1);
+        mine.emplace_back(timed.start, 1.0);
       } else if (timed.action.op == Op::B || timed.action.op == Op::W) {
-        mine.emplace_back(timed.end, -1);
+        mine.emplace_back(timed.end, -1.0);
       }
     }
   }
   std::vector<int64_t> peaks;
-  for (auto& mine : events) {
-    std::sort(mine.begin(), mine.end());
-    int64_t now = 0;
-    int64_t peak = 0;
-    for (const auto& event : mine) {
-      now += event.second;
-      peak = std::max(peak, now);
-    }
-    peaks.push_back(peak);
+  for (auto& mine : changes) {
+    peaks.push_back(std::llround(peak_of(std::move(mine))));
   }
   return peaks;
 }
