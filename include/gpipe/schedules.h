@@ -262,12 +262,7 @@ inline Program interleaved(
     while (b < total) {
       mine.push_back(backwards[static_cast<size_t>(b++)]);
     }
-    mine.erase(
-        std::remove_if(
-            mine.begin(),
-            mine.end(),
-            [m](const Action& action) { return action.microbatch >= m; }),
-        mine.end());
+    keep_first_microbatches(mine, m);
   }
   return program;
 }

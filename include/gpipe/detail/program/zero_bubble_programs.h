@@ -176,22 +176,19 @@ inline std::vector<Action> dual_pipe_v_lane(
     int64_t m) {
   const int64_t down = l;
   const int64_t up = 2 * lanes - 1 - l;
-  std::map<std::pair<int64_t, int>, int64_t> next;
-  auto count = [&](int64_t stage, Op op) -> int64_t& {
-    return next[{stage, static_cast<int>(op)}];
-  };
+  NextMicrobatch next;
   std::deque<std::pair<int64_t, int64_t>> weights; // after their I
   std::vector<Action> mine;
   auto forward = [&](int64_t stage) {
-    mine.push_back({stage, Op::F, count(stage, Op::F)++});
+    mine.push_back({stage, Op::F, next.take(stage, Op::F)});
   };
   // A full backward takes the I counter's micro-batch and advances both.
   auto backward = [&](int64_t stage) {
-    mine.push_back({stage, Op::B, count(stage, Op::I)++});
-    ++count(stage, Op::W);
+    mine.push_back({stage, Op::B, next.take(stage, Op::I)});
+    next.take(stage, Op::W);
   };
   auto input_gradient = [&](int64_t stage) {
-    const int64_t i = count(stage, Op::I)++;
+    const int64_t i = next.take(stage, Op::I);
     mine.push_back({stage, Op::I, i});
     weights.emplace_back(stage, i);
   };
