@@ -163,6 +163,52 @@ Failure failure_of(Fn&& fn) {
   return failure;
 }
 
+/// A GPT's output head: logits against the token embedding's own weight,
+/// held as a submodule, so that the tie is a registered parameter of both
+/// the first layer and this one.
+struct TiedHeadImpl : torch::nn::Module {
+  explicit TiedHeadImpl(torch::nn::Embedding embedding_)
+      : embedding(register_module("embedding", std::move(embedding_))) {}
+  torch::Tensor forward(const torch::Tensor& h) {
+    return torch::matmul(h, embedding->weight.t());
+  }
+  torch::nn::Embedding embedding;
+};
+TORCH_MODULE(TiedHead);
+
+/// Dynamic loss scaling done by hand, the reference GradScaler is held to:
+/// gradients divided by the scale; a step with an inf or NaN gradient is
+/// skipped and halves the scale, `interval` clean steps in a row double it.
+struct LossScalingByHand {
+  double scale;
+  int64_t interval;
+  int64_t clean = 0;
+
+  /// Unscales the gradients of `parameters`, steps `optimizer` unless one
+  /// is inf or NaN, updates the scale; returns whether one was.
+  bool step(
+      const std::vector<torch::Tensor>& parameters,
+      torch::optim::Optimizer& optimizer) {
+    bool found_inf = false;
+    for (const auto& p : parameters) {
+      torch::NoGradGuard no_grad;
+      p.grad().div_(scale);
+      found_inf = found_inf || !torch::isfinite(p.grad()).all().item<bool>();
+    }
+    if (found_inf) {
+      scale *= 0.5;
+      clean = 0;
+    } else {
+      optimizer.step();
+      if (++clean == interval) {
+        scale *= 2;
+        clean = 0;
+      }
+    }
+    return found_inf;
+  }
+};
+
 /// A layer made of a function, for tests that need a layer to misbehave.
 inline torch::nn::Functional layer(
     std::function<torch::Tensor(torch::Tensor)> fn) {

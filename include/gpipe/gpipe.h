@@ -8,6 +8,8 @@
 #pragma once
 
 #include <gpipe/failure.h>
+#include <gpipe/grad_scaler.h>
+#include <gpipe/gradients.h>
 #include <gpipe/options.h>
 #include <gpipe/pipe.h>
 #include <gpipe/program.h>
