@@ -11,6 +11,8 @@
 
 #include <gpipe/gpipe.h>
 
+#include <gpipe/distributed/gradients.h>
 #include <gpipe/distributed/pipe.h>
+#include <gpipe/distributed/sharded_optimizer.h>
 #include <gpipe/distributed/transport.h>
 #include <gpipe/distributed/world.h>

@@ -2,6 +2,7 @@
 // the test itself (multiprocess.h), compared with plain training of the same
 // seeded model in each rank, and failing as the README promises.
 #include "../test_support.h"
+#include "gradients_scenarios.h"
 #include "multiprocess.h"
 
 #include <gpipe/distributed.h>
@@ -27,6 +28,8 @@
 namespace {
 
 namespace mp = gpipe_test::multiprocess;
+using mp::arg;
+using mp::plain_name;
 namespace gd = gpipe::distributed;
 using gpipe::Checkpoint;
 using gpipe::Reduction;
@@ -70,23 +73,6 @@ torch::Tensor loss_of(
       target,
       reduction == Reduction::Mean ? torch::Reduction::Mean
                                    : torch::Reduction::Sum);
-}
-
-int64_t arg(
-    const std::map<std::string, std::string>& args,
-    const char* key,
-    int64_t fallback) {
-  const auto found = args.find(key);
-  return found == args.end() ? fallback : std::stoll(found->second);
-}
-
-/// The layer name in the whole Sequential of a pipe's parameter name
-/// ("stage3.6.weight" of a builder pipe is "6.weight").
-std::string plain_name(const std::string& name) {
-  if (name.rfind("stage", 0) == 0) {
-    return name.substr(name.find('.') + 1);
-  }
-  return name;
 }
 
 /// Trains a DistributedGPipe and plain training of the global batch side by
@@ -664,6 +650,10 @@ int run_scenario(const std::string& scenario) {
   }
   if (scenario == "soak") {
     return soak(world);
+  }
+  const int code = gpipe_test::run_gradients_scenario(scenario, world);
+  if (code != gpipe_test::kUnknownScenario) {
+    return code;
   }
   std::cout << "unknown scenario " << scenario << std::endl;
   return 1;

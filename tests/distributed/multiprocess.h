@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -192,6 +193,21 @@ inline std::map<std::string, std::string> arguments() {
     }
   }
   return parsed;
+}
+
+/// The whole number `args[key]`, or `fallback` when it is not given.
+inline int64_t arg(
+    const std::map<std::string, std::string>& args,
+    const char* key,
+    int64_t fallback) {
+  const auto found = args.find(key);
+  return found == args.end() ? fallback : std::stoll(found->second);
+}
+
+/// The name in the whole Sequential of a pipe's parameter name
+/// ("stage3.6.weight" of a pipe built stage by stage is "6.weight").
+inline std::string plain_name(const std::string& name) {
+  return name.rfind("stage", 0) == 0 ? name.substr(name.find('.') + 1) : name;
 }
 
 } // namespace gpipe_test::multiprocess

@@ -13,7 +13,9 @@
 #pragma once
 
 #include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/types.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -81,6 +83,28 @@ class FailureBoard {
         return std::nullopt;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+
+  /// Sums `tensor` over `group`. When that fails the error names the
+  /// failure a rank posted, else `otherwise` and the backend's message.
+  void sum_over(
+      c10d::Backend& group,
+      torch::Tensor& tensor,
+      std::chrono::milliseconds timeout,
+      const std::string& otherwise) {
+    std::vector<torch::Tensor> tensors{tensor};
+    c10d::AllreduceOptions reduce;
+    reduce.reduceOp = c10d::ReduceOp::SUM;
+    reduce.timeout = timeout;
+    try {
+      group.allreduce(tensors, reduce)->wait();
+    } catch (const std::exception& e) {
+      const auto posted = find_within(std::chrono::milliseconds(1000));
+      TORCH_CHECK(
+          false,
+          "gpipe: ",
+          posted ? *posted : otherwise + " (" + e.what() + ")");
     }
   }
 

@@ -35,10 +35,12 @@
 #include <gpipe/distributed/failure.h>
 #include <gpipe/distributed/options.h>
 #include <gpipe/distributed/placement.h>
-#include <gpipe/distributed/replicas.h>
 #include <gpipe/distributed/step_header.h>
+#include <gpipe/distributed/step_sums.h>
+#include <gpipe/distributed/ties.h>
 #include <gpipe/distributed/transport.h>
 #include <gpipe/distributed/world.h>
+#include <gpipe/gradients.h>
 #include <gpipe/options.h>
 #include <gpipe/ordered_messages.h>
 #include <gpipe/program.h>
@@ -105,7 +107,10 @@ class DistributedGPipeImpl : public torch::nn::Module {
         register_module(child.key(), child.value());
       }
     }
-    finish_construction(std::move(mine), detail::stages_fingerprint(parts));
+    finish_construction(
+        std::move(mine),
+        detail::stages_fingerprint(parts),
+        detail::find_ties(parts, placement_));
   }
 
   /// From a builder called with this rank's stage indices only, so no rank
@@ -139,7 +144,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
       mine[static_cast<size_t>(s)] = stage;
       register_module("stage" + std::to_string(s), stage);
     }
-    finish_construction(std::move(mine), "");
+    finish_construction(std::move(mine), "", {});
   }
 
   /// Forward and backward of this rank's share of one step, on every rank
@@ -230,6 +235,19 @@ class DistributedGPipeImpl : public torch::nn::Module {
         options.schedule(), n_, m, placement_.lane_of_stage(), by_order);
   }
 
+  /// The parameters stages on several ranks share; their gradients are
+  /// summed over their owners each step (Note [Ties are found, and
+  /// watched]).
+  const std::vector<TiedParameter>& ties() const {
+    return sums_->ties().all();
+  }
+
+  /// This rank's parameters, each once, less tied copies another rank
+  /// counts: over a pipeline's ranks, the model's, each once.
+  std::vector<torch::Tensor> counted_parameters() const {
+    return sums_->ties().counted(gpipe::unique_parameters(parameters()));
+  }
+
   /// Whether tensors travel over NCCL.
   bool uses_nccl() const {
     return placement_.nccl;
@@ -266,7 +284,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
 
   void finish_construction(
       std::vector<torch::nn::Sequential> mine,
-      const std::string& whole_model) {
+      const std::string& whole_model,
+      std::vector<detail::FoundTie> ties) {
     const std::string prefix = world_->next_pipe_prefix();
     board_ = std::make_unique<detail::FailureBoard>(world_->store(), prefix);
     to(options.device());
@@ -283,8 +302,11 @@ class DistributedGPipeImpl : public torch::nn::Module {
         [this](int64_t rank) { return describe(rank); },
         world_->timeout(),
         detail::ordered_path(*world_, placement_, options, prefix));
-    replicas_ = detail::ReplicaGroup::of_stage(
-        world_, placement_, options, prefix, *board_);
+    sums_ = std::make_unique<detail::StepSums>(
+        detail::ReplicaGroup::of_stage(
+            world_, placement_, options, prefix, *board_),
+        std::make_unique<detail::Ties>(
+            std::move(ties), world_, placement_, options, prefix, *board_));
   }
 
   std::string describe(int64_t rank) const {
@@ -370,19 +392,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
     const int64_t m = header.microbatches;
     std::vector<torch::Tensor> targets;
     if (is_last()) {
-      gpipe::detail::check_batch(target, "target");
-      TORCH_CHECK(
-          target.size(0) == batch,
-          "gpipe: target and input have different batch sizes (input on ",
-          describe(first_rank),
-          ": ",
-          batch,
-          ", target on ",
-          describe(world_->rank()),
-          ": ",
-          target.size(0),
-          ")");
-      targets = torch::tensor_split(target, m, /*dim=*/0);
+      targets = header.split_target(
+          target, describe(first_rank), describe(world_->rank()));
     }
     const int64_t signature = header.signature;
     const bool by_order =
@@ -400,15 +411,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     auto call = make_call(m, header.input_is_list);
     gpipe::detail::LaneGradients lane_gradients(1, call->parameters);
     call->lane_gradients = &lane_gradients;
-    // Note [Replicas average to the global batch]: this step's gradient
-    // alone is summed across replicas.
-    std::vector<torch::Tensor> earlier;
-    if (replicas_) {
-      for (auto& parameter : call->parameters) {
-        earlier.push_back(parameter.grad());
-        parameter.mutable_grad().reset();
-      }
-    }
+    sums_->begin(call->parameters);
     gpipe::detail::StepRunner runner(
         stages_,
         is_training() ? options.checkpoint() : Checkpoint::Never,
@@ -442,6 +445,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     transport.end();
     lane_gradients.deliver();
     call->lane_gradients = nullptr;
+    sums_->sum_ties();
     // The loss: known to the last stage, told to the others.
     if (is_last()) {
       loss[0] =
@@ -450,10 +454,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
     } else {
       transport.messages().wait_control(kLoss, "the loss of this step");
     }
-    if (replicas_) {
-      loss = replicas_->reduce(
-          call->parameters, earlier, batch, loss, options.loss_reduction());
-    }
+    loss =
+        sums_->finish(call->parameters, batch, loss, options.loss_reduction());
     measure.search([&](const std::vector<TimelineEvent>& events) {
       return detail::agreed_stage_costs(*world_, placement_, events);
     }); // Note [Schedule::Auto measures its first step]
@@ -468,7 +470,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
   bool last_by_order_ = false;
   std::unique_ptr<detail::FailureBoard> board_;
   std::unique_ptr<detail::ProcessGroupTransport> transport_;
-  std::unique_ptr<detail::ReplicaGroup> replicas_; // null: one replica
+  std::unique_ptr<detail::StepSums> sums_; // ties, then replicas
   bool broken_ = false;
   std::string broken_reason_;
 };

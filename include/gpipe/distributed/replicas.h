@@ -146,22 +146,12 @@ class ReplicaGroup {
 
  private:
   void allreduce(torch::Tensor& tensor, const char* what) {
-    std::vector<torch::Tensor> tensors{tensor};
-    c10d::AllreduceOptions reduce;
-    reduce.reduceOp = c10d::ReduceOp::SUM;
-    reduce.timeout = world_->timeout();
-    try {
-      group_->allreduce(tensors, reduce)->wait();
-    } catch (const std::exception& e) {
-      const auto posted = board_.find_within(std::chrono::milliseconds(1000));
-      TORCH_CHECK(
-          false,
-          "gpipe: ",
-          posted ? *posted
-                 : "a replica of " + who_ +
-                  " failed, exited or timed out while summing " + what +
-                  " across replicas (" + e.what() + ")");
-    }
+    board_.sum_over(
+        *group_,
+        tensor,
+        world_->timeout(),
+        "a replica of " + who_ + " failed, exited or timed out while summing " +
+            what + " across replicas");
   }
 
   c10::intrusive_ptr<c10d::Backend> group_;

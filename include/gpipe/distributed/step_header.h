@@ -5,13 +5,16 @@
 #pragma once
 
 #include <gpipe/detail/bundle.h>
+#include <gpipe/detail/microbatch.h>
 
+#include <c10/util/Exception.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <functional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace gpipe::distributed::detail {
 
@@ -58,6 +61,27 @@ struct StepHeader {
     header.input_is_list = values[2] == 1;
     header.signature = values[3];
     return header;
+  }
+
+  /// The last stage's target, checked against the header and split into
+  /// its micro-batches; `input_rank` and `target_rank` name the ranks.
+  std::vector<torch::Tensor> split_target(
+      const torch::Tensor& target,
+      const std::string& input_rank,
+      const std::string& target_rank) const {
+    gpipe::detail::check_batch(target, "target");
+    TORCH_CHECK(
+        target.size(0) == batch,
+        "gpipe: target and input have different batch sizes (input on ",
+        input_rank,
+        ": ",
+        batch,
+        ", target on ",
+        target_rank,
+        ": ",
+        target.size(0),
+        ")");
+    return torch::tensor_split(target, microbatches, /*dim=*/0);
   }
 };
 

@@ -1,0 +1,89 @@
+// What a step across processes sums after its drain, in order: the tied
+// copies' gradients over their owners (ties.h), then every gradient, and
+// the loss, over the stage's replicas (replicas.h). Both sum this step's
+// gradient alone: `.grad` that earlier steps accumulated (already summed
+// then) is set aside while the step runs and added back after.
+#pragma once
+
+#include <gpipe/distributed/replicas.h>
+#include <gpipe/distributed/ties.h>
+#include <gpipe/options.h>
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace gpipe::distributed::detail {
+
+class StepSums {
+ public:
+  /// `replicas` null: one replica.
+  StepSums(std::unique_ptr<ReplicaGroup> replicas, std::unique_ptr<Ties> ties)
+      : replicas_(std::move(replicas)), ties_(std::move(ties)) {}
+
+  /// The pipeline's ties.
+  const Ties& ties() const {
+    return *ties_;
+  }
+
+  /// Sets the earlier steps' `.grad` of `parameters` aside, where there is
+  /// something to sum.
+  void begin(const std::vector<torch::Tensor>& parameters) {
+    earlier_.clear();
+    if (!replicas_ && !ties_->any_here()) {
+      return;
+    }
+    for (const auto& parameter : parameters) {
+      earlier_.push_back(parameter.grad());
+      parameter.mutable_grad().reset();
+    }
+  }
+
+  /// Sums the tied copies' gradients: before the loss goes out, so that a
+  /// tie's failure stops the ranks that wait for it (Note [Ties are found,
+  /// and watched]).
+  void sum_ties() {
+    ties_->reduce();
+  }
+
+  /// Sums across replicas (Note [Replicas average to the global batch])
+  /// and adds the earlier gradients back; returns the global batch's loss.
+  torch::Tensor finish(
+      const std::vector<torch::Tensor>& parameters,
+      int64_t batch,
+      const torch::Tensor& loss,
+      Reduction reduction) {
+    if (replicas_) {
+      return replicas_->reduce(parameters, earlier_, batch, loss, reduction);
+    }
+    if (!earlier_.empty()) {
+      add_back(parameters);
+    }
+    return loss;
+  }
+
+ private:
+  void add_back(const std::vector<torch::Tensor>& parameters) {
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < parameters.size(); ++k) {
+      auto& previous = earlier_[k];
+      if (!previous.defined()) {
+        continue;
+      }
+      auto& slot = parameters[k].mutable_grad();
+      if (slot.defined()) {
+        previous.add_(slot);
+      }
+      slot = previous;
+    }
+  }
+
+  std::unique_ptr<ReplicaGroup> replicas_;
+  std::unique_ptr<Ties> ties_;
+  std::vector<torch::Tensor> earlier_;
+};
+
+} // namespace gpipe::distributed::detail

@@ -1,0 +1,314 @@
+// Tied parameters across the ranks of a pipeline: a parameter that stages
+// on different ranks use (a GPT's token embedding, first stage, and its
+// output projection, last stage), kept as one copy per owner rank.
+//
+// Why: in one process a tied module is one tensor and autograd sums its
+// gradient's terms. Across processes each owner holds its own copy, and each
+// copy's gradient holds only its own stage's terms; plain training's
+// gradient is their sum. So after the drain the owners all-reduce this
+// step's gradients of their tied copies over a group of just the owners (of
+// this pipeline; replicas then average as for every parameter), every copy
+// takes the identical optimizer step, and the copies stay bit-identical.
+//
+// Note [Ties are found, and watched]
+// Every rank builds the whole Sequential (same seed), so each can see which
+// registered parameters the cut stages share, by tensor identity: no rank
+// needs to be told. A weight captured inside a lambda is not registered and
+// cannot be seen; register it (a head module that holds the embedding as a
+// submodule). Each step the owners compare a fingerprint of their copies'
+// bits (two wrapping integer sums, exact in any order) before summing the
+// gradients: a copy modified behind the pipe's back is a `gpipe:` error on
+// every owner, which fails the step everywhere, instead of silent drift.
+#pragma once
+
+#include <gpipe/distributed/failure.h>
+#include <gpipe/distributed/options.h>
+#include <gpipe/distributed/placement.h>
+#include <gpipe/distributed/world.h>
+
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace gpipe::distributed {
+
+/// A parameter that stages on several ranks of a pipeline share.
+struct TiedParameter {
+  /// Its name in the Sequential (the first of its names).
+  std::string name;
+  /// The stages whose layers use it, ascending.
+  std::vector<int64_t> stages;
+  /// The positions in the pipeline that hold those stages (at least two),
+  /// ascending; the first counts it in whole-pipe sums (clip_grad_norm).
+  std::vector<int64_t> positions;
+};
+
+namespace detail {
+
+/// A tie as found, with the tensor that is every stage's copy in this
+/// process (the whole model is built on every rank).
+struct FoundTie {
+  TiedParameter tie;
+  torch::Tensor tensor;
+};
+
+/// The registered parameters of the whole model cut into `parts` that
+/// stages at different positions share, in the order of their first stage
+/// and name.
+inline std::vector<FoundTie> find_ties(
+    const std::vector<torch::nn::Sequential>& parts,
+    const RankPlacement& placement) {
+  std::unordered_map<const c10::TensorImpl*, size_t> index;
+  std::vector<FoundTie> found;
+  for (size_t s = 0; s < parts.size(); ++s) {
+    const int64_t position = placement.position_of_stage[s];
+    for (const auto& named : parts[s]->named_parameters()) {
+      const auto* key = named.value().unsafeGetTensorImpl();
+      const auto at = index.emplace(key, found.size());
+      if (at.second) {
+        found.push_back({{named.key(), {}, {}}, named.value()});
+      }
+      auto& tie = found[at.first->second].tie;
+      if (tie.stages.empty() || tie.stages.back() != static_cast<int64_t>(s)) {
+        tie.stages.push_back(static_cast<int64_t>(s));
+      }
+      if (std::find(tie.positions.begin(), tie.positions.end(), position) ==
+          tie.positions.end()) {
+        tie.positions.push_back(position);
+      }
+    }
+  }
+  std::vector<FoundTie> ties;
+  for (auto& each : found) {
+    if (each.tie.positions.size() > 1) {
+      std::sort(each.tie.positions.begin(), each.tie.positions.end());
+      ties.push_back(std::move(each));
+    }
+  }
+  return ties;
+}
+
+/// Two wrapping sums of a tensor's bits (Note [Ties are found, and
+/// watched]), folded to 20 bits each so that their squares summed over
+/// owners stay exact in a double.
+inline std::pair<double, double> bits_fingerprint(const torch::Tensor& value) {
+  torch::NoGradGuard no_grad;
+  const auto flat = value.detach().contiguous().reshape({-1});
+  torch::ScalarType as;
+  switch (flat.element_size()) {
+    case 8:
+      as = torch::kInt64;
+      break;
+    case 4:
+      as = torch::kInt32;
+      break;
+    case 2:
+      as = torch::kInt16;
+      break;
+    default:
+      as = torch::kUInt8;
+  }
+  const auto bits = flat.view(as);
+  constexpr int64_t kChunk = int64_t{1} << 20;
+  uint64_t first = 0;
+  uint64_t second = 0;
+  for (int64_t at = 0; at < bits.numel(); at += kChunk) {
+    const auto chunk = bits.narrow(0, at, std::min(kChunk, bits.numel() - at))
+                           .to(torch::kInt64);
+    // Integer sums wrap identically in any order, on any device.
+    first += static_cast<uint64_t>(chunk.sum().item<int64_t>());
+    second +=
+        static_cast<uint64_t>(chunk.bitwise_xor(chunk.bitwise_right_shift(7))
+                                  .mul(chunk.bitwise_and(0xFFFF).add(1))
+                                  .sum()
+                                  .item<int64_t>());
+  }
+  const auto fold = [](uint64_t v) {
+    v ^= v >> 31;
+    v *= 0x9E3779B97F4A7C15ULL;
+    v ^= v >> 29;
+    return static_cast<double>(v & 0xFFFFF);
+  };
+  return {fold(first), fold(second)};
+}
+
+/// This rank's tied copies and the owner groups that sum their gradients.
+class Ties {
+ public:
+  /// The ties `found` in the whole model, and a group per owner set that
+  /// holds this rank (made on every member in the same order).
+  Ties(
+      std::vector<FoundTie> found,
+      const std::shared_ptr<World>& world,
+      const RankPlacement& placement,
+      const DistributedOptions& options,
+      const std::string& prefix,
+      FailureBoard& board)
+      : world_(world),
+        board_(board),
+        on_(placement.nccl ? options.device() : torch::Device(torch::kCPU)) {
+    // Owner sets in a fixed order on every rank, so that ranks in two
+    // groups never wait for each other in opposite orders.
+    std::map<std::vector<int64_t>, std::vector<size_t>> by_owners;
+    for (size_t k = 0; k < found.size(); ++k) {
+      ties_.push_back(found[k].tie);
+      by_owners[found[k].tie.positions].push_back(k);
+    }
+    const int64_t position = placement.position;
+    for (const auto& [positions, members] : by_owners) {
+      if (std::find(positions.begin(), positions.end(), position) ==
+          positions.end()) {
+        continue;
+      }
+      Owners owners;
+      for (const int64_t p : positions) {
+        owners.ranks.push_back(placement.replica * placement.stages + p);
+      }
+      const std::string name = prefix + "tie_" + c10::Join("_", positions) +
+          "_replica" + std::to_string(placement.replica);
+      owners.group = placement.nccl
+          ? world->new_nccl_group(name, owners.ranks, options.device())
+          : world->new_group(name, owners.ranks);
+      for (const size_t k : members) {
+        owners.ties.push_back(k);
+        owners.copies.push_back(found[k].tensor);
+        if (positions.front() != position) {
+          uncounted_.insert(found[k].tensor.unsafeGetTensorImpl());
+        }
+      }
+      owners_.push_back(std::move(owners));
+    }
+  }
+
+  /// Every tie of the pipeline.
+  const std::vector<TiedParameter>& all() const {
+    return ties_;
+  }
+
+  /// Whether this rank owns a copy that it shares with another rank.
+  bool any_here() const {
+    return !owners_.empty();
+  }
+
+  /// Those of `parameters` this rank counts in whole-pipe sums: a tied
+  /// copy counts on its first owner only.
+  std::vector<torch::Tensor> counted(
+      const std::vector<torch::Tensor>& parameters) const {
+    std::vector<torch::Tensor> counted;
+    for (const auto& parameter : parameters) {
+      if (uncounted_.count(parameter.unsafeGetTensorImpl()) == 0) {
+        counted.push_back(parameter);
+      }
+    }
+    return counted;
+  }
+
+  /// Checks that the owners' copies are identical, then sums this step's
+  /// gradients of the copies over their owners.
+  void reduce() {
+    torch::NoGradGuard no_grad;
+    for (auto& owners : owners_) {
+      const auto n = static_cast<int64_t>(owners.copies.size());
+      // Per copy: [f1, f1^2, f2, f2^2, has a gradient].
+      auto meta = torch::zeros({5 * n}, torch::kFloat64);
+      auto* m = meta.data_ptr<double>();
+      for (int64_t k = 0; k < n; ++k) {
+        const auto& copy = owners.copies[static_cast<size_t>(k)];
+        const auto [f1, f2] = bits_fingerprint(copy);
+        m[5 * k] = f1;
+        m[5 * k + 1] = f1 * f1;
+        m[5 * k + 2] = f2;
+        m[5 * k + 3] = f2 * f2;
+        m[5 * k + 4] = copy.grad().defined() ? 1.0 : 0.0;
+      }
+      allreduce(owners, meta, "the fingerprints of the tied copies");
+      meta = meta.to(torch::kCPU);
+      m = meta.data_ptr<double>();
+      const auto size = static_cast<double>(owners.ranks.size());
+      for (int64_t k = 0; k < n; ++k) {
+        // All equal exactly when size * sum(f^2) == sum(f)^2.
+        const bool same = size * m[5 * k + 1] == m[5 * k] * m[5 * k] &&
+            size * m[5 * k + 3] == m[5 * k + 2] * m[5 * k + 2];
+        const auto& tie = ties_[owners.ties[static_cast<size_t>(k)]];
+        TORCH_CHECK(
+            same,
+            "gpipe: the copies of tied parameter \"",
+            tie.name,
+            "\" (stages ",
+            c10::Join(", ", tie.stages),
+            ") on ranks ",
+            c10::Join(", ", owners.ranks),
+            " differ: one was modified behind the pipe's back (step every "
+            "copy with the same optimizer, on every owner rank)");
+      }
+      std::map<c10::ScalarType, std::vector<int64_t>> by_dtype;
+      for (int64_t k = 0; k < n; ++k) {
+        by_dtype[owners.copies[static_cast<size_t>(k)].scalar_type()].push_back(
+            k);
+      }
+      for (const auto& [dtype, slots] : by_dtype) {
+        std::vector<torch::Tensor> flat;
+        for (const int64_t k : slots) {
+          const auto& copy = owners.copies[static_cast<size_t>(k)];
+          flat.push_back(
+              copy.grad().defined()
+                  ? copy.grad().reshape({-1}).to(on_)
+                  : torch::zeros(
+                        {copy.numel()},
+                        torch::TensorOptions().dtype(dtype).device(on_)));
+        }
+        auto bucket = torch::cat(flat);
+        allreduce(owners, bucket, "the gradients of the tied copies");
+        int64_t at = 0;
+        for (const int64_t k : slots) {
+          const auto& copy = owners.copies[static_cast<size_t>(k)];
+          auto summed = bucket.narrow(0, at, copy.numel())
+                            .view(copy.sizes())
+                            .to(copy.device());
+          at += copy.numel();
+          copy.mutable_grad() =
+              m[5 * k + 4] > 0 ? summed.clone() : torch::Tensor();
+        }
+      }
+    }
+  }
+
+ private:
+  struct Owners {
+    std::vector<int64_t> ranks;
+    c10::intrusive_ptr<c10d::Backend> group;
+    std::vector<size_t> ties; // indices into ties_
+    std::vector<torch::Tensor> copies; // this rank's, in the same order
+  };
+
+  void allreduce(Owners& owners, torch::Tensor& tensor, const char* what) {
+    board_.sum_over(
+        *owners.group,
+        tensor,
+        world_->timeout(),
+        "an owner of a tied parameter among ranks " +
+            c10::Join(", ", owners.ranks) +
+            " failed, exited or timed out while summing " + what);
+  }
+
+  std::vector<TiedParameter> ties_;
+  std::shared_ptr<World> world_;
+  FailureBoard& board_;
+  torch::Device on_;
+  std::vector<Owners> owners_;
+  std::set<const c10::TensorImpl*> uncounted_;
+};
+
+} // namespace detail
+} // namespace gpipe::distributed

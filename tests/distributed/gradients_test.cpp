@@ -1,0 +1,471 @@
+// Whole-model gradients across ranks: a token embedding tied to the output
+// head on another rank, the global norm clipped over every stage, and fp16
+// loss scaling whose found-inf every rank agrees on; each compared with
+// plain training of the same seeded model in every rank.
+#include "../test_support.h"
+#include "gradients_scenarios.h"
+#include "multiprocess.h"
+
+#include <gpipe/distributed.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace mp = gpipe_test::multiprocess;
+using mp::arg;
+using mp::plain_name;
+namespace gd = gpipe::distributed;
+using gpipe::Checkpoint;
+using gpipe::Schedule;
+
+constexpr int64_t kVocabulary = 11;
+constexpr int64_t kWidth = 6;
+
+/// Embedding, three Linear + Tanh, the tied head: 8 layers in double,
+/// seeded, so that every rank builds the same.
+torch::nn::Sequential make_tied_model() {
+  torch::manual_seed(5);
+  torch::nn::Embedding embedding(kVocabulary, kWidth);
+  torch::nn::Sequential seq;
+  seq->push_back(embedding);
+  for (int l = 0; l < 3; ++l) {
+    seq->push_back(torch::nn::Linear(kWidth, kWidth));
+    seq->push_back(torch::nn::Tanh());
+  }
+  seq->push_back(gpipe_test::TiedHead(embedding));
+  seq->to(torch::kFloat64);
+  return seq;
+}
+
+torch::Tensor cross_entropy(const torch::Tensor& out, const torch::Tensor& t) {
+  return torch::nn::functional::cross_entropy(out, t);
+}
+
+/// Counts mismatches, printing each.
+struct Checks {
+  int checks = 0;
+  int failures = 0;
+  void close(
+      const torch::Tensor& got,
+      const torch::Tensor& want,
+      const std::string& what,
+      double rtol = 1e-6) {
+    ++checks;
+    const bool same = got.defined() == want.defined() &&
+        (!got.defined() || torch::allclose(got, want, rtol, 1e-12));
+    if (!same) {
+      ++failures;
+      std::cout << "MISMATCH " << what << "\n got " << got << "\n want " << want
+                << std::endl;
+    }
+  }
+  void equal(double got, double want, const std::string& what) {
+    ++checks;
+    if (!(got == want || std::abs(got - want) <= 1e-6 * std::abs(want))) {
+      ++failures;
+      std::cout << "MISMATCH " << what << ": got " << got << ", want " << want
+                << std::endl;
+    }
+  }
+  int report() const {
+    std::cout << "RESULT checks=" << checks << std::endl;
+    std::cout << "RESULT mismatches=" << failures << std::endl;
+    return failures == 0 ? 0 : 1;
+  }
+};
+
+/// A tied embedding and head, clipped, 3 SGD-with-momentum steps on every
+/// schedule (and checkpoint mode): gradients, norms and weights equal
+/// plain training's; both copies of the tie match plain every step.
+int tied_clipped(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const int64_t stages = arg(args, "stages", world->size());
+  const int64_t replicas = world->size() / stages;
+  const bool all_modes = arg(args, "all_modes", 0) != 0;
+  Checks check;
+  std::vector<Schedule> schedules(
+      std::begin(gpipe::kEverySchedule), std::end(gpipe::kEverySchedule));
+  schedules.push_back(Schedule::Auto);
+  for (const Schedule schedule : schedules) {
+    for (const Checkpoint mode :
+         {Checkpoint::ExceptLast, Checkpoint::Never, Checkpoint::Always}) {
+      if (!all_modes && mode != Checkpoint::ExceptLast) {
+        continue;
+      }
+      const std::string what = std::string(gpipe::to_string(schedule)) + ", " +
+          gpipe::to_string(mode);
+      auto plain = make_tied_model();
+      auto pipe = gd::DistributedGPipe(
+          world,
+          make_tied_model(),
+          gd::DistributedOptions(stages)
+              .microbatches(3)
+              .schedule(schedule)
+              .checkpoint(mode)
+              .stages_per_rank(gpipe::stages_per_lane(schedule)));
+      const int64_t positions_of_tie =
+          pipe->ties().empty() ? 1 : pipe->ties().front().positions.size();
+      check.equal(
+          static_cast<double>(pipe->ties().size()),
+          positions_of_tie > 1 ? 1.0 : 0.0,
+          what + ": ties found");
+      const auto plain_parameters = gpipe::unique_parameters(*plain);
+      const auto pipe_parameters = gpipe::unique_parameters(*pipe);
+      torch::optim::SGD plain_sgd(
+          plain_parameters, torch::optim::SGDOptions(0.2).momentum(0.9));
+      torch::optim::SGD pipe_sgd(
+          pipe_parameters, torch::optim::SGDOptions(0.2).momentum(0.9));
+      torch::manual_seed(13);
+      for (int step = 0; step < 3; ++step) {
+        const std::string at = what + ", step " + std::to_string(step);
+        const auto ids = torch::randint(0, kVocabulary, {10}, torch::kLong);
+        const auto next = torch::randint(0, kVocabulary, {10}, torch::kLong);
+        plain_sgd.zero_grad();
+        const auto want = cross_entropy(plain->forward(ids), next);
+        want.backward();
+        const double want_norm = torch::nn::utils::clip_grad_norm_(
+            plain_parameters, /*max_norm=*/0.3);
+        pipe_sgd.zero_grad();
+        const auto got = pipe->step(
+            pipe->is_first()
+                ? torch::tensor_split(ids, replicas)[pipe->replica()]
+                : torch::Tensor(),
+            pipe->is_last()
+                ? torch::tensor_split(next, replicas)[pipe->replica()]
+                : torch::Tensor(),
+            cross_entropy);
+        check.close(got, want.detach(), at + ": loss");
+        const double got_norm = gd::clip_grad_norm(pipe, /*max_norm=*/0.3);
+        check.equal(got_norm, want_norm, at + ": gradient norm");
+        auto reference = plain->named_parameters();
+        for (const auto& p : pipe->named_parameters()) {
+          check.close(
+              p.value().grad(),
+              reference[plain_name(p.key())].grad(),
+              at + ": clipped gradient of " + p.key());
+        }
+        plain_sgd.step();
+        pipe_sgd.step();
+        for (const auto& p : pipe->named_parameters()) {
+          check.close(
+              p.value(),
+              reference[plain_name(p.key())],
+              at + ": weight " + p.key());
+        }
+      }
+    }
+  }
+  return check.report();
+}
+
+/// A tied copy changed on one rank between steps: the next step is a
+/// gpipe: error on every rank, naming the tie.
+int tied_drift(const std::shared_ptr<gd::World>& world) {
+  auto pipe = gd::DistributedGPipe(
+      world,
+      make_tied_model(),
+      gd::DistributedOptions(world->size()).microbatches(2));
+  torch::manual_seed(13);
+  std::string error = "none";
+  for (int step = 0; step < 4 && error == "none"; ++step) {
+    if (step == 1 && pipe->is_first()) {
+      torch::NoGradGuard no_grad;
+      pipe->named_parameters()["0.weight"].add_(1e-3);
+    }
+    try {
+      pipe->step(
+          pipe->is_first() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
+                           : torch::Tensor(),
+          pipe->is_last() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
+                          : torch::Tensor(),
+          cross_entropy);
+    } catch (const std::exception& e) {
+      const std::string message = e.what();
+      error = message.substr(0, message.find('\n'));
+      std::cout << "RESULT step=" << step << std::endl;
+    }
+  }
+  std::cout << "RESULT error=" << error << std::endl;
+  return 0;
+}
+
+/// fp16-style loss scaling across ranks: a forced inf on one rank at one
+/// step makes every rank skip it and back off the scale; every step's
+/// weights and scale equal plain scaling's, done by hand.
+int scaled(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const int64_t inf_rank = arg(args, "inf_rank", 0);
+  const int64_t inf_step = arg(args, "inf_step", 2);
+  Checks check;
+  auto plain = make_tied_model();
+  auto pipe = gd::DistributedGPipe(
+      world,
+      make_tied_model(),
+      gd::DistributedOptions(world->size())
+          .microbatches(3)
+          .schedule(Schedule::OneFOneB));
+  gd::GradScaler scaler(
+      world, gpipe::GradScalerOptions().init_scale(1024).growth_interval(2));
+  const auto plain_parameters = gpipe::unique_parameters(*plain);
+  torch::optim::SGD plain_sgd(plain_parameters, torch::optim::SGDOptions(0.1));
+  torch::optim::SGD pipe_sgd(
+      gpipe::unique_parameters(*pipe), torch::optim::SGDOptions(0.1));
+  gpipe_test::LossScalingByHand by_hand{1024, 2};
+  // The parameter rank inf_rank poisons, known to every rank: the first
+  // parameter of that rank's stage.
+  const auto first_name_of_rank = [&](int64_t rank) {
+    auto probe = make_tied_model();
+    const auto balance = gpipe::detail::resolve_balance(8, world->size(), {});
+    int64_t layer = 0;
+    for (int64_t k = 0; k < rank; ++k) {
+      layer += balance[static_cast<size_t>(k)];
+    }
+    // Tanh layers have no parameters: the next layer that has one.
+    for (;; ++layer) {
+      const auto named = probe->ptr(layer)->named_parameters();
+      if (named.size() > 0) {
+        return std::to_string(layer) + "." + named.begin()->key();
+      }
+    }
+  };
+  const std::string inf_name = first_name_of_rank(inf_rank);
+  torch::manual_seed(17);
+  for (int64_t step = 0; step < 6; ++step) {
+    const std::string at = "step " + std::to_string(step);
+    const auto ids = torch::randint(0, kVocabulary, {9}, torch::kLong);
+    const auto next = torch::randint(0, kVocabulary, {9}, torch::kLong);
+    // Plain scaling, by hand.
+    plain_sgd.zero_grad();
+    const auto want = cross_entropy(plain->forward(ids), next);
+    (want * by_hand.scale).backward();
+    if (step == inf_step) {
+      plain->named_parameters()[inf_name].grad().view({-1})[0] = INFINITY;
+    }
+    const bool plain_inf = by_hand.step(plain_parameters, plain_sgd);
+    // The pipe.
+    pipe_sgd.zero_grad();
+    const auto loss = pipe->step(
+        pipe->is_first() ? ids : torch::Tensor(),
+        pipe->is_last() ? next : torch::Tensor(),
+        scaler.scaled(cross_entropy));
+    check.close(scaler.unscaled(loss), want.detach(), at + ": loss");
+    if (step == inf_step && world->rank() == inf_rank) {
+      pipe->named_parameters()[inf_name].grad().view({-1})[0] = INFINITY;
+    }
+    const bool stepped = scaler.step(pipe_sgd);
+    check.equal(stepped ? 1.0 : 0.0, plain_inf ? 0.0 : 1.0, at + ": stepped");
+    scaler.update();
+    check.equal(scaler.scale(), by_hand.scale, at + ": scale");
+    auto reference = plain->named_parameters();
+    for (const auto& p : pipe->named_parameters()) {
+      check.close(
+          p.value(),
+          reference[plain_name(p.key())],
+          at + ": weight " + p.key());
+    }
+  }
+  // The scale saved on one rank comes back on a fresh scaler.
+  std::stringstream saved;
+  torch::save(scaler, saved);
+  gd::GradScaler restored(world);
+  torch::load(restored, saved);
+  check.equal(restored.scale(), scaler.scale(), "restored scale");
+  check.equal(
+      static_cast<double>(restored.growth_tracker()),
+      static_cast<double>(scaler.growth_tracker()),
+      "restored growth tracker");
+  return check.report();
+}
+
+/// ZeRO-1 on 2 stages x 2 replicas: SGD with momentum and AdamW, sharded,
+/// step like the unsharded optimizer on plain training of the global batch
+/// (tie and clipping included), with about half the optimizer state.
+int sharded(const std::shared_ptr<gd::World>& world) {
+  const auto args = mp::arguments();
+  const int64_t stages = arg(args, "stages", 2);
+  const int64_t replicas = world->size() / stages;
+  Checks check;
+  for (const std::string kind : {"sgd", "adamw"}) {
+    const auto make = [&](std::vector<torch::Tensor> parameters)
+        -> std::unique_ptr<torch::optim::Optimizer> {
+      if (kind == "sgd") {
+        return std::make_unique<torch::optim::SGD>(
+            std::move(parameters), torch::optim::SGDOptions(0.1).momentum(0.9));
+      }
+      return std::make_unique<torch::optim::AdamW>(
+          std::move(parameters),
+          torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+    };
+    auto plain = make_tied_model();
+    auto pipe = gd::DistributedGPipe(
+        world,
+        make_tied_model(),
+        gd::DistributedOptions(stages).microbatches(2).schedule(
+            Schedule::OneFOneB));
+    auto plain_optimizer = make(gpipe::unique_parameters(*plain));
+    gd::ShardedOptimizer optimizer(*pipe, make);
+    torch::manual_seed(29);
+    for (int step = 0; step < 3; ++step) {
+      const std::string at = kind + ", step " + std::to_string(step);
+      const auto ids = torch::randint(0, kVocabulary, {8}, torch::kLong);
+      const auto next = torch::randint(0, kVocabulary, {8}, torch::kLong);
+      plain_optimizer->zero_grad();
+      cross_entropy(plain->forward(ids), next).backward();
+      torch::nn::utils::clip_grad_norm_(
+          gpipe::unique_parameters(*plain), /*max_norm=*/0.5);
+      plain_optimizer->step();
+      optimizer.zero_grad();
+      pipe->step(
+          torch::tensor_split(ids, replicas)[pipe->replica()],
+          torch::tensor_split(next, replicas)[pipe->replica()],
+          cross_entropy);
+      gd::clip_grad_norm(pipe, /*max_norm=*/0.5);
+      optimizer.step();
+      auto reference = plain->named_parameters();
+      for (const auto& p : pipe->named_parameters()) {
+        check.close(p.value(), reference[p.key()], at + ": weight " + p.key());
+      }
+    }
+    // This rank's state against what the unsharded optimizer holds for the
+    // same parameters.
+    int64_t unsharded = 0;
+    auto reference = plain->named_parameters();
+    std::set<const c10::TensorImpl*> seen;
+    for (const auto& p : pipe->named_parameters()) {
+      const auto& q = reference[p.key()];
+      if (!seen.insert(q.unsafeGetTensorImpl()).second) {
+        continue;
+      }
+      const auto found = plain_optimizer->state().find(q.unsafeGetTensorImpl());
+      if (found != plain_optimizer->state().end()) {
+        unsharded += gd::detail::state_bytes(*found->second);
+      }
+    }
+    const int64_t mine = gd::optimizer_state_bytes(optimizer.shard_optimizer());
+    std::cout << "RESULT " << kind << "_state_bytes=" << mine << "/"
+              << unsharded << std::endl;
+    ++check.checks;
+    // One replica holds it all; two hold about half each.
+    const bool expected = replicas == 1 ? mine == unsharded
+                                        : mine > 0 && mine * 4 < unsharded * 3;
+    if (!expected) {
+      ++check.failures;
+      std::cout << "MISMATCH " << kind << ": state of " << mine
+                << " bytes against " << unsharded << " unsharded" << std::endl;
+    }
+  }
+  return check.report();
+}
+
+void expect_all_succeeded(const std::vector<mp::Outcome>& outcomes) {
+  for (const auto& outcome : outcomes) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_EQ(outcome.result("mismatches"), "0") << outcome;
+  }
+}
+
+} // namespace
+
+namespace gpipe_test {
+
+int run_gradients_scenario(
+    const std::string& scenario,
+    const std::shared_ptr<gd::World>& world) {
+  if (scenario == "tied_clipped") {
+    return tied_clipped(world);
+  }
+  if (scenario == "tied_drift") {
+    return tied_drift(world);
+  }
+  if (scenario == "scaled") {
+    return scaled(world);
+  }
+  if (scenario == "sharded") {
+    return sharded(world);
+  }
+  return kUnknownScenario;
+}
+
+} // namespace gpipe_test
+
+TEST(
+    DistributedGradients,
+    ATiedEmbeddingAndHeadOnTwoRanksTrainLikePlainClippedOnEverySchedule) {
+  expect_all_succeeded(
+      mp::run({"tied_clipped", "stages=2,all_modes=1", /*world=*/2}));
+}
+
+TEST(
+    DistributedGradients,
+    ATiedEmbeddingAndHeadOnFourRanksTrainLikePlainClippedOnEverySchedule) {
+  expect_all_succeeded(mp::run({"tied_clipped", "stages=4", /*world=*/4}));
+}
+
+TEST(
+    DistributedGradients,
+    TiesAndClippingWithTwoReplicasOfTwoStagesTrainLikePlainOnTheGlobalBatch) {
+  expect_all_succeeded(mp::run({"tied_clipped", "stages=2", /*world=*/4}));
+}
+
+TEST(DistributedGradients, ATiedCopyModifiedBehindThePipesBackFailsEveryRank) {
+  const auto outcomes = mp::run({"tied_drift", "", /*world=*/4});
+  for (const auto& outcome : outcomes) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_NE(
+        outcome.result("error").find("tied parameter \"0.weight\""),
+        std::string::npos)
+        << outcome;
+    EXPECT_EQ(outcome.result("step"), "1") << outcome;
+  }
+}
+
+TEST(
+    DistributedGradients,
+    AnInfOnOneRankMakesEveryRankSkipTheStepAndHalveTheScale) {
+  expect_all_succeeded(
+      mp::run({"scaled", "inf_rank=1,inf_step=2", /*world=*/2}));
+  expect_all_succeeded(
+      mp::run({"scaled", "inf_rank=3,inf_step=3", /*world=*/4}));
+}
+
+TEST(
+    ShardedOptimizer,
+    TwoReplicasOfTwoStagesStepSgdAndAdamWLikePlainWithAboutHalfTheState) {
+  const auto outcomes = mp::run({"sharded", "stages=2", /*world=*/4});
+  expect_all_succeeded(outcomes);
+  for (const auto& outcome : outcomes) {
+    std::cout << "rank " << outcome.rank
+              << ": SGD state bytes (sharded/unsharded) "
+              << outcome.result("sgd_state_bytes") << ", AdamW "
+              << outcome.result("adamw_state_bytes") << std::endl;
+  }
+}
+
+TEST(ShardedOptimizer, OneReplicaHoldsTheWholeStateAndStepsLikePlain) {
+  expect_all_succeeded(mp::run({"sharded", "stages=2", /*world=*/2}));
+}
+
+TEST(ShardedOptimizer, ShardsBalanceBytesLargestFirstTheSameOnEveryReplica) {
+  const std::vector<torch::Tensor> parameters{
+      torch::zeros({10}),
+      torch::zeros({40}),
+      torch::zeros({30}),
+      torch::zeros({20}, torch::kFloat64),
+      torch::zeros({5})};
+  // Bytes 40, 160, 120, 160, 20: largest first, each to the lightest.
+  EXPECT_EQ(
+      gd::detail::shard_of_parameters(parameters, 2),
+      (std::vector<int64_t>{1, 0, 0, 1, 1}));
+  EXPECT_EQ(
+      gd::detail::shard_of_parameters(parameters, 1),
+      (std::vector<int64_t>(5, 0)));
+}
