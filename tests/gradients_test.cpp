@@ -126,6 +126,84 @@ TEST(Gradients, ANegativeNormTypeIsAnErrorNamingIt) {
       << message;
 }
 
+/// A tied embedding and head on K partitions (concurrent CPU lanes, or the
+/// schedule's lanes), every schedule and checkpoint mode: 3 clipped AdamW
+/// steps equal plain training's, the tie one tensor throughout.
+void expect_tied_model_trains_like_plain(const torch::Device& device) {
+  torch::manual_seed(31);
+  const auto ids = torch::randint(0, 9, {3, 12}, torch::kLong);
+  const auto next = torch::randint(0, 9, {3, 12}, torch::kLong);
+  for (const int64_t partitions : {2, 3, 4}) {
+    for (const auto schedule : gpipe::kEverySchedule) {
+      if (!gpipe_test::runs_on(schedule, partitions)) {
+        continue;
+      }
+      for (const auto mode : gpipe_test::kCheckpointModes) {
+        const auto what = std::to_string(partitions) + " partitions, " +
+            gpipe::to_string(schedule) + ", " + gpipe::to_string(mode);
+        auto plain = make_tied_model();
+        plain->to(device);
+        auto seq = make_tied_model();
+        const auto lanes = gpipe_test::lanes_for(schedule, partitions);
+        Pipe pipe(
+            seq,
+            GPipeOptions(partitions)
+                .microbatches(4)
+                .checkpoint(mode)
+                .schedule(schedule)
+                .devices(std::vector<torch::Device>(
+                    static_cast<size_t>(partitions), device))
+                .lanes(device.is_cpu() ? lanes : std::vector<int64_t>{})
+                .concurrent_cpu_partitions(lanes.empty()));
+        const auto plain_parameters = gpipe::unique_parameters(*plain);
+        const auto pipe_parameters = gpipe::unique_parameters(*pipe);
+        ASSERT_EQ(pipe_parameters.size(), plain_parameters.size());
+        torch::optim::AdamW plain_adamw(
+            plain_parameters, torch::optim::AdamWOptions(0.01));
+        torch::optim::AdamW pipe_adamw(
+            pipe_parameters, torch::optim::AdamWOptions(0.01));
+        for (int64_t step = 0; step < 3; ++step) {
+          const auto x = ids[step].to(device);
+          const auto y = next[step].to(device);
+          plain_adamw.zero_grad();
+          cross_entropy(plain->forward(x), y).backward();
+          const double want =
+              torch::nn::utils::clip_grad_norm_(plain_parameters, 0.5);
+          plain_adamw.step();
+          pipe_adamw.zero_grad();
+          pipe->step(x, y, cross_entropy);
+          const double got = gpipe::clip_grad_norm(*pipe, 0.5);
+          pipe_adamw.step();
+          EXPECT_NEAR(got, want, 1e-6 * want) << what << ", step " << step;
+          gpipe_test::expect_close(
+              pipe_parameters,
+              plain_parameters,
+              1e-6,
+              what + ", weights after step " + std::to_string(step));
+        }
+        // The tie is still one tensor, under both of its names.
+        EXPECT_TRUE(seq->parameters().front().is_same(seq->parameters().back()))
+            << what;
+      }
+    }
+  }
+}
+
+TEST(
+    Gradients,
+    ATiedEmbeddingAndHeadOnTwoThreeAndFourCpuLanesTrainLikePlainForThreeClippedSteps) {
+  expect_tied_model_trains_like_plain(torch::kCPU);
+}
+
+TEST(
+    Gradients,
+    ATiedEmbeddingAndHeadOnOneGpuTrainLikePlainForThreeClippedSteps_CUDA) {
+  if (!gpipe_test::cuda_available()) {
+    GTEST_SKIP() << "no CUDA device";
+  }
+  expect_tied_model_trains_like_plain(torch::Device(torch::kCUDA, 0));
+}
+
 TEST(
     GradScaler,
     ScaledTrainingThroughAPipeEqualsPlainScalingByHandStepForStep) {
