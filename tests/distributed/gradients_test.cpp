@@ -469,3 +469,28 @@ TEST(ShardedOptimizer, ShardsBalanceBytesLargestFirstTheSameOnEveryReplica) {
       gd::detail::shard_of_parameters(parameters, 1),
       (std::vector<int64_t>(5, 0)));
 }
+
+TEST(
+    DistributedGradients,
+    TheTieWatchSeesAnyChangedElementWithinItsStrideOfSteps) {
+  // 200,000 elements: past the first check, every 4th from a moving offset.
+  const auto copy = torch::randn({400, 500});
+  auto changed = copy.clone();
+  changed[123][457] += 1e-6; // element 61,957, at offset 1 of stride 4
+  EXPECT_NE(
+      gd::detail::bits_fingerprint(copy, 0),
+      gd::detail::bits_fingerprint(changed, 0));
+  int64_t seen = 0;
+  for (int64_t check = 1; check <= 4; ++check) {
+    seen += gd::detail::bits_fingerprint(copy, check) !=
+        gd::detail::bits_fingerprint(changed, check);
+  }
+  EXPECT_EQ(seen, 1);
+  // A change to most elements is seen by every check.
+  const auto stepped = copy * 0.999f;
+  for (int64_t check = 0; check < 4; ++check) {
+    EXPECT_NE(
+        gd::detail::bits_fingerprint(copy, check),
+        gd::detail::bits_fingerprint(stepped, check));
+  }
+}
