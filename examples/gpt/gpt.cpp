@@ -738,8 +738,8 @@ void print_header() {
   std::cout << "  step  pipe loss plain loss       diff        lr\n";
 }
 
-/// The curves agree where both ran: every step within 2% (fp32 differs by
-/// the order of float sums only; bf16 and fp16 round differently).
+/// The curves agree where both ran: every step within `tolerance`,
+/// relative.
 bool curves_agree(const Curve& curve, double tolerance) {
   double worst = 0;
   for (size_t k = 0; k < curve.steps.size(); ++k) {
@@ -753,8 +753,15 @@ bool curves_agree(const Curve& curve, double tolerance) {
   return worst <= tolerance;
 }
 
+/// fp32 curves differ by the order of float sums only (200 steps: under
+/// 1e-5 here); bf16 and fp16 round each micro-batch's products differently
+/// (60 steps: 1e-4); dropout draws other masks for other micro-batch cuts,
+/// so those curves agree only in trend.
 double tolerance_of(const Flags& flags) {
-  return flags.precision == "fp32" && flags.dropout == 0 ? 0.02 : 0.1;
+  if (flags.dropout > 0) {
+    return 0.1;
+  }
+  return flags.precision == "fp32" ? 1e-3 : 1e-2;
 }
 
 gpipe::Schedule schedule_of(const Flags& flags) {

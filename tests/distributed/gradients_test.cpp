@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -195,6 +196,44 @@ int tied_drift(const std::shared_ptr<gd::World>& world) {
     }
   }
   std::cout << "RESULT error=" << error << std::endl;
+  return 0;
+}
+
+/// A NaN in one rank's gradients makes every rank's norm NaN, for the
+/// infinity norm too (a max), and error_if_nonfinite a gpipe: error on
+/// every rank.
+int nan_norm(const std::shared_ptr<gd::World>& world) {
+  auto pipe = gd::DistributedGPipe(
+      world,
+      make_tied_model(),
+      gd::DistributedOptions(world->size()).microbatches(2));
+  for (const double norm_type :
+       {2.0, std::numeric_limits<double>::infinity()}) {
+    torch::manual_seed(3);
+    const auto ids = torch::randint(0, kVocabulary, {6}, torch::kLong);
+    pipe->zero_grad();
+    pipe->step(ids, ids, cross_entropy);
+    // Rank 1 holds a Linear that no other rank counts.
+    if (world->rank() == 1) {
+      TORCH_CHECK(!pipe->counted_parameters().empty(), "rank 1 counts none");
+      pipe->counted_parameters().back().grad().view({-1})[0] =
+          std::numeric_limits<double>::quiet_NaN();
+    }
+    const double norm = gd::clip_grad_norm(pipe, 1.0, norm_type);
+    std::cout << "RESULT norm_" << norm_type << "=" << norm << std::endl;
+  }
+  std::string error = "none";
+  try {
+    gd::clip_grad_norm(
+        pipe,
+        1.0,
+        std::numeric_limits<double>::infinity(),
+        /*error_if_nonfinite=*/true);
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  }
+  std::cout << "RESULT error=" << error.substr(0, error.find('\n'))
+            << std::endl;
   return 0;
 }
 
@@ -389,6 +428,9 @@ int run_gradients_scenario(
   if (scenario == "scaled") {
     return scaled(world);
   }
+  if (scenario == "nan_norm") {
+    return nan_norm(world);
+  }
   if (scenario == "sharded") {
     return sharded(world);
   }
@@ -492,5 +534,18 @@ TEST(
     EXPECT_NE(
         gd::detail::bits_fingerprint(copy, check),
         gd::detail::bits_fingerprint(stepped, check));
+  }
+}
+
+TEST(DistributedGradients, ANaNGradientOnOneRankMakesEveryRanksNormNaN) {
+  for (const auto& outcome : mp::run({"nan_norm", "", /*world=*/4})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_EQ(outcome.result("norm_2"), "nan") << outcome;
+    EXPECT_EQ(outcome.result("norm_inf"), "nan") << outcome;
+    EXPECT_NE(
+        outcome.result("error").find(
+            "gpipe: the total gradient norm of order inf is nan"),
+        std::string::npos)
+        << outcome;
   }
 }

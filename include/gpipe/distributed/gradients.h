@@ -18,6 +18,8 @@
 #include <c10/util/Exception.h>
 #include <torch/types.h>
 
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -68,14 +70,22 @@ inline double clip_grad_norm(
   const auto mine = gpipe::detail::with_gradients(pipe.counted_parameters());
   auto partial = gpipe::detail::partial_norm(mine, norm_type);
   // Replicas hold the same averaged gradients: replica 0's parts alone.
-  auto value = torch::full(
-      {1}, pipe.replica() == 0 ? partial.value : 0.0, torch::kFloat64);
+  // [part, whether it is NaN]: Gloo's MAX keeps the first operand when the
+  // other is NaN, so a NaN travels as a flag (MAX and SUM both keep it).
+  auto value = torch::zeros({2}, torch::kFloat64);
+  if (pipe.replica() == 0) {
+    const bool nan = std::isnan(partial.value);
+    value[0] = nan ? 0.0 : partial.value;
+    value[1] = nan ? 1.0 : 0.0;
+  }
   detail::allreduce_over_world(
       *pipe.world(),
       value,
       partial.is_max() ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM,
       "the gradient norm");
-  partial.value = value.item<double>();
+  partial.value = value[1].item<double>() > 0
+      ? std::numeric_limits<double>::quiet_NaN()
+      : value[0].item<double>();
   const double total = partial.total();
   gpipe::detail::check_finite_norm(total, norm_type, error_if_nonfinite);
   // Every copy of a tied parameter takes the same factor.
