@@ -32,6 +32,49 @@ torch::nn::Sequential make_tied_model() {
   return seq;
 }
 
+/// make_tied_model's layers with a head of its own, equal to the embedding
+/// only once a declared tie sets it so ("5.embedding.weight").
+torch::nn::Sequential make_model_with_its_own_head() {
+  torch::nn::Sequential seq(
+      torch::nn::Embedding(9, 5),
+      torch::nn::Linear(5, 5),
+      torch::nn::Tanh(),
+      torch::nn::Linear(5, 5),
+      torch::nn::Tanh(),
+      gpipe_test::TiedHead(torch::nn::Embedding(9, 5)));
+  seq->to(torch::kDouble);
+  // make_tied_model's values; the head keeps its own draw.
+  torch::NoGradGuard no_grad;
+  auto mine = seq->named_parameters();
+  for (const auto& item : make_tied_model()->named_parameters()) {
+    if (item.key() != "5.embedding.weight") {
+      mine[item.key()].copy_(item.value());
+    }
+  }
+  return seq;
+}
+
+/// K = devices.size() partitions, 4 micro-batches, on the schedule's lanes
+/// where the devices are CPUs (a lane per partition where it names none).
+GPipeOptions options_on(
+    const std::vector<torch::Device>& devices,
+    gpipe::Schedule schedule,
+    gpipe::Checkpoint mode) {
+  const auto partitions = static_cast<int64_t>(devices.size());
+  const bool cpu = devices.front().is_cpu();
+  const auto lanes = cpu ? gpipe_test::lanes_for(schedule, partitions)
+                         : std::vector<int64_t>{};
+  return GPipeOptions(partitions)
+      .microbatches(4)
+      .checkpoint(mode)
+      .schedule(schedule)
+      .devices(devices)
+      .lanes(lanes)
+      .concurrent_cpu_partitions(cpu && lanes.empty());
+}
+
+const std::vector<std::string> kHeadTie{"0.weight", "5.embedding.weight"};
+
 torch::Tensor cross_entropy(const torch::Tensor& out, const torch::Tensor& t) {
   return torch::nn::functional::cross_entropy(out, t);
 }
@@ -144,17 +187,13 @@ void expect_tied_model_trains_like_plain(const torch::Device& device) {
         auto plain = make_tied_model();
         plain->to(device);
         auto seq = make_tied_model();
-        const auto lanes = gpipe_test::lanes_for(schedule, partitions);
         Pipe pipe(
             seq,
-            GPipeOptions(partitions)
-                .microbatches(4)
-                .checkpoint(mode)
-                .schedule(schedule)
-                .devices(std::vector<torch::Device>(
-                    static_cast<size_t>(partitions), device))
-                .lanes(device.is_cpu() ? lanes : std::vector<int64_t>{})
-                .concurrent_cpu_partitions(lanes.empty()));
+            options_on(
+                std::vector<torch::Device>(
+                    static_cast<size_t>(partitions), device),
+                schedule,
+                mode));
         const auto plain_parameters = gpipe::unique_parameters(*plain);
         const auto pipe_parameters = gpipe::unique_parameters(*pipe);
         ASSERT_EQ(pipe_parameters.size(), plain_parameters.size());
@@ -202,6 +241,187 @@ TEST(
     GTEST_SKIP() << "no CUDA device";
   }
   expect_tied_model_trains_like_plain(torch::Device(torch::kCUDA, 0));
+}
+
+/// The tied model's embedding and head as two tensors declared tied, on
+/// `devices` (K = their count): 3 clipped AdamW steps equal plain training
+/// of the model whose tie is one tensor, through `step()` on every schedule
+/// and checkpoint mode, and through `forward()` and a backward that
+/// accumulates two batches; the copies stay equal after every step.
+void expect_declared_tie_trains_like_plain(
+    const std::vector<torch::Device>& devices) {
+  const auto partitions = static_cast<int64_t>(devices.size());
+  torch::manual_seed(37);
+  const auto ids = torch::randint(0, 9, {6, 12}, torch::kLong);
+  const auto next = torch::randint(0, 9, {6, 12}, torch::kLong);
+  const auto first = devices.front();
+  const auto last = devices.back();
+  for (const auto schedule : gpipe::kEverySchedule) {
+    if (!gpipe_test::runs_on(schedule, partitions)) {
+      continue;
+    }
+    for (const auto mode : gpipe_test::kCheckpointModes) {
+      for (const bool through_forward : {false, true}) {
+        if (through_forward && schedule != gpipe::Schedule::FillDrain) {
+          continue; // forward() then backward() is fill-drain
+        }
+        const auto what = std::to_string(partitions) + " partitions, " +
+            gpipe::to_string(schedule) + ", " + gpipe::to_string(mode) +
+            (through_forward ? ", forward and backward" : ", step");
+        auto plain = make_tied_model();
+        plain->to(first);
+        auto seq = make_model_with_its_own_head();
+        Pipe pipe(seq, options_on(devices, schedule, mode).tie(kHeadTie));
+        const auto plain_parameters = gpipe::unique_parameters(*plain);
+        const auto counted = pipe->counted_parameters();
+        ASSERT_EQ(counted.size(), plain_parameters.size()) << what;
+        torch::optim::AdamW plain_adamw(
+            plain_parameters, torch::optim::AdamWOptions(0.01));
+        torch::optim::AdamW pipe_adamw(
+            pipe->parameters(), torch::optim::AdamWOptions(0.01));
+        for (int64_t step = 0; step < 3; ++step) {
+          plain_adamw.zero_grad();
+          pipe_adamw.zero_grad();
+          for (int64_t part = 0; part < (through_forward ? 2 : 1); ++part) {
+            const auto x = ids[2 * step + part];
+            const auto y = next[2 * step + part];
+            cross_entropy(plain->forward(x.to(first)), y.to(first)).backward();
+            if (through_forward) {
+              cross_entropy(pipe->forward(x.to(first)), y.to(last)).backward();
+            } else {
+              pipe->step(x.to(first), y.to(last), cross_entropy);
+            }
+          }
+          const double want =
+              torch::nn::utils::clip_grad_norm_(plain_parameters, 0.5);
+          const double got = gpipe::clip_grad_norm(*pipe, 0.5);
+          plain_adamw.step();
+          pipe_adamw.step();
+          const auto where = what + ", step " + std::to_string(step);
+          EXPECT_NEAR(got, want, 1e-6 * want) << where;
+          gpipe_test::expect_close(
+              counted, plain_parameters, 1e-6, where + ", weights");
+          auto named = seq->named_parameters();
+          EXPECT_TRUE(torch::equal(
+              named["0.weight"], named["5.embedding.weight"].to(first)))
+              << where << ": the copies differ";
+        }
+      }
+    }
+  }
+}
+
+TEST(Gradients, ADeclaredTieOfTwoTensorsOnCpuLanesTrainsLikeOneSharedTensor) {
+  for (const int64_t partitions : {2, 3, 4}) {
+    expect_declared_tie_trains_like_plain(std::vector<torch::Device>(
+        static_cast<size_t>(partitions), torch::kCPU));
+  }
+}
+
+TEST(
+    Gradients,
+    ADeclaredTieAcrossGpusTrainsLikeOneSharedTensorOnOneGpu_MultiCUDA) {
+  if (torch::cuda::device_count() < 2) {
+    GTEST_SKIP() << "fewer than two CUDA devices";
+  }
+  std::vector<torch::Device> devices;
+  for (size_t d = 0; d < std::min<size_t>(torch::cuda::device_count(), 4);
+       ++d) {
+    devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(d));
+  }
+  expect_declared_tie_trains_like_plain(devices);
+}
+
+TEST(Gradients, ATiedCopyChangedOrLeftOutOfTheOptimizerIsAnErrorAtTheNextCall) {
+  const auto ids = torch::randint(0, 9, {8}, torch::kLong);
+  {
+    auto seq = make_model_with_its_own_head();
+    Pipe pipe(seq, GPipeOptions(2).microbatches(2).tie(kHeadTie));
+    pipe->step(ids, ids, cross_entropy);
+    {
+      torch::NoGradGuard no_grad;
+      seq->named_parameters()["5.embedding.weight"][3][1] += 1e-3;
+    }
+    const auto message = error_of([&] { pipe->step(ids, ids, cross_entropy); });
+    EXPECT_NE(
+        message.find("gpipe: the copies of a declared tie differ: "
+                     "\"0.weight\" (cpu) and \"5.embedding.weight\" (cpu)"),
+        std::string::npos)
+        << message;
+  }
+  {
+    // An optimizer given the counted parameters steps one copy only.
+    auto seq = make_model_with_its_own_head();
+    Pipe pipe(seq, GPipeOptions(2).microbatches(2).tie(kHeadTie));
+    torch::optim::SGD sgd(pipe->counted_parameters(), 0.1);
+    pipe->step(ids, ids, cross_entropy);
+    sgd.step();
+    const auto message = error_of([&] { pipe->forward(ids); });
+    EXPECT_NE(
+        message.find("the copies of a declared tie differ"), std::string::npos)
+        << message;
+  }
+}
+
+TEST(Gradients, BadTieDeclarationsAreErrorsNamingThem) {
+  auto expect_error = [](torch::nn::Sequential seq,
+                         std::vector<std::string> tie,
+                         const std::string& expected) {
+    const auto message =
+        error_of([&] { Pipe pipe(seq, GPipeOptions(2).tie(std::move(tie))); });
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+  };
+  expect_error(
+      make_model_with_its_own_head(),
+      {"0.weight"},
+      "gpipe: a tie names at least two parameters, got 1 (0.weight)");
+  expect_error(
+      make_model_with_its_own_head(),
+      {"0.weight", "9.weight"},
+      "gpipe: tie(): \"9.weight\" is not a parameter of the Sequential");
+  expect_error(
+      make_model_with_its_own_head(),
+      {"0.weight", "5.embedding.weight", "0.weight"},
+      "gpipe: tie(): \"0.weight\" is named in a tie twice");
+  expect_error(
+      make_tied_model(),
+      {"0.weight", "5.embedding.weight"},
+      "gpipe: tie(): \"5.embedding.weight\" is the same tensor as another");
+  expect_error(
+      make_model_with_its_own_head(),
+      {"0.weight", "1.weight"},
+      "gpipe: tie(): \"0.weight\" is Double[9, 5] but \"1.weight\" is "
+      "Double[5, 5]");
+  auto half_frozen = make_model_with_its_own_head();
+  half_frozen->named_parameters()["5.embedding.weight"].requires_grad_(false);
+  expect_error(
+      half_frozen,
+      kHeadTie,
+      "gpipe: tie(): \"0.weight\" requires grad but \"5.embedding.weight\" "
+      "does not");
+  // The ties are fixed once the pipe is built.
+  auto seq = make_model_with_its_own_head();
+  Pipe pipe(seq, GPipeOptions(2).tie(kHeadTie));
+  pipe->options.tie({"1.bias", "3.bias"});
+  const auto message =
+      error_of([&] { pipe->forward(torch::zeros({2}, torch::kLong)); });
+  EXPECT_NE(
+      message.find("gpipe: ties is fixed when the pipe is built"),
+      std::string::npos)
+      << message;
+}
+
+TEST(Gradients, AModuleSharedAcrossDevicesIsRefusedPointingAtTies_MultiCUDA) {
+  if (torch::cuda::device_count() < 2) {
+    GTEST_SKIP() << "fewer than two CUDA devices";
+  }
+  const auto message = error_of([&] {
+    Pipe pipe(
+        make_tied_model(),
+        GPipeOptions(2).devices(
+            {torch::Device(torch::kCUDA, 0), torch::Device(torch::kCUDA, 1)}));
+  });
+  EXPECT_NE(message.find("GPipeOptions::tie"), std::string::npos) << message;
 }
 
 TEST(

@@ -164,6 +164,15 @@ inline void check_finite_norm(
       "the gradients by it anyway");
 }
 
+/// A module whose `parameters()` hold tensors that a gradient norm counts
+/// once (a pipe's declared ties, Note [Declared ties train as one tensor]).
+class CountsParametersOnce {
+ public:
+  virtual ~CountsParametersOnce() = default;
+  /// The parameters a gradient norm counts.
+  virtual std::vector<torch::Tensor> counted_parameters() const = 0;
+};
+
 } // namespace detail
 
 /// Clips the gradients of `parameters` (on any devices, each tensor counted
@@ -187,14 +196,29 @@ inline double clip_grad_norm(
   return total;
 }
 
-/// `clip_grad_norm` of a module's parameters, a pipe's included.
+/// `clip_grad_norm` of a module's parameters, a pipe's included: a pipe's
+/// declared ties count once in the norm, and every copy is clipped.
 inline double clip_grad_norm(
     const torch::nn::Module& module,
     double max_norm,
     double norm_type = 2.0,
     bool error_if_nonfinite = false) {
-  return clip_grad_norm(
-      module.parameters(), max_norm, norm_type, error_if_nonfinite);
+  const auto* counts =
+      dynamic_cast<const detail::CountsParametersOnce*>(&module);
+  if (counts == nullptr) {
+    return clip_grad_norm(
+        module.parameters(), max_norm, norm_type, error_if_nonfinite);
+  }
+  detail::check_norm_type(norm_type);
+  const auto counted = detail::with_gradients(counts->counted_parameters());
+  if (counted.empty()) {
+    return 0.0;
+  }
+  const double total = detail::partial_norm(counted, norm_type).total();
+  detail::check_finite_norm(total, norm_type, error_if_nonfinite);
+  detail::clip_to(
+      detail::with_gradients(unique_parameters(module)), max_norm, total);
+  return total;
 }
 
 } // namespace gpipe

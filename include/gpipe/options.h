@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <string>
 #include <vector>
 
 namespace gpipe {
@@ -119,6 +120,20 @@ struct GPipeOptions {
   /// training of the whole batch does. Off: each micro-batch updates them,
   /// as plain training of M smaller batches would.
   TORCH_ARG(bool, deferred_batch_norm) = false;
+  /// Parameters that train as one tensor though they are separate (a head
+  /// on the last partition's GPU tied to the embedding on the first's), by
+  /// the Sequential's names: every copy's gradient is the sum over all
+  /// copies and every copy stays equal (Note [Declared ties train as one
+  /// tensor]). A module shared by partitions on one device needs no tie.
+  TORCH_ARG(std::vector<std::vector<std::string>>, ties) = {};
+
+ public:
+  /// Declares one tie, e.g. `tie({"0.weight", "7.weight"})`: the copies
+  /// take the first one's value when the pipe is built.
+  GPipeOptions& tie(std::vector<std::string> names) {
+    ties_.push_back(std::move(names));
+    return *this;
+  }
 };
 
 } // namespace gpipe

@@ -22,6 +22,7 @@
 #include <gpipe/detail/auto_schedule.h>
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/call_scope.h>
+#include <gpipe/detail/declared_ties.h>
 #include <gpipe/detail/drift_guard.h>
 #include <gpipe/detail/executor.h>
 #include <gpipe/detail/forward_runner.h>
@@ -35,6 +36,7 @@
 #include <gpipe/detail/stage_host.h>
 #include <gpipe/detail/step_runner.h>
 #include <gpipe/detail/worker.h>
+#include <gpipe/gradients.h>
 #include <gpipe/options.h>
 #include <gpipe/program.h>
 #include <gpipe/schedule.h>
@@ -64,11 +66,33 @@
 #include <vector>
 
 namespace gpipe {
+namespace detail {
+
+/// `options` checked, with balance and devices filled in for `sequential`.
+inline GPipeOptions resolved(
+    const torch::nn::Sequential& sequential,
+    GPipeOptions options) {
+  TORCH_CHECK(
+      !sequential.is_empty(),
+      "gpipe: GPipe needs a Sequential, got an empty holder");
+  check_microbatches(options.microbatches());
+  check_modes(
+      options.checkpoint(), options.schedule(), options.loss_reduction());
+  options.balance(resolve_balance(
+      static_cast<int64_t>(sequential->size()),
+      options.partitions(),
+      options.balance()));
+  options.devices(resolve_devices(options.partitions(), options.devices()));
+  return options;
+}
+
+} // namespace detail
 
 /// A Sequential cut into partitions on devices, trained on micro-batches as
 /// if it were the Sequential itself; use it through its holder, GPipe.
 template <typename SequentialT>
-class GPipeImpl : public torch::nn::Module {
+class GPipeImpl : public torch::nn::Module,
+                  public detail::CountsParametersOnce {
   static_assert(
       std::is_same<SequentialT, torch::nn::Sequential>::value,
       "gpipe: GPipe wraps a torch::nn::Sequential");
@@ -77,13 +101,12 @@ class GPipeImpl : public torch::nn::Module {
   /// Wraps `sequential` (its own modules, not copies), split and placed as
   /// `options_` say; every bad option is a `gpipe:` error here.
   GPipeImpl(const SequentialT& sequential, GPipeOptions options_)
-      : options(resolved(sequential, std::move(options_))),
+      : options(detail::resolved(sequential, std::move(options_))),
         sequential_(sequential),
         drift_(sequential, options) {
-    // The Sequential's own layers under their own names, so that
-    // named_parameters(), state dicts and archives are the Sequential's
-    // whatever K, balance and devices are (Note [Checkpoints do not depend
-    // on K]).
+    // The Sequential's own layers under their own names: parameters, state
+    // dicts and archives are the Sequential's whatever K, balance and
+    // devices (Note [Checkpoints do not depend on K]).
     for (const auto& child : sequential->named_children()) {
       register_module(child.key(), child.value());
     }
@@ -98,6 +121,7 @@ class GPipeImpl : public torch::nn::Module {
     for (size_t j = 0; j < partitions.size(); ++j) {
       partitions[j]->to(options.devices()[j]);
     }
+    ties_ = detail::DeclaredTies(*sequential, options.ties());
     owner_lane_ = detail::owner_lanes(partitions, placement.lane_of_partition);
     lane_devices_ = std::move(placement.lane_devices);
     workers_.resize(lane_devices_.size());
@@ -288,6 +312,11 @@ class GPipeImpl : public torch::nn::Module {
     return sequential_->end();
   }
 
+  /// Each trainable tensor once, a declared tie once: what a norm counts.
+  std::vector<torch::Tensor> counted_parameters() const override {
+    return ties_.counted(unique_parameters(*this));
+  }
+
   /// The partitions, each a Sequential sharing the wrapped one's modules.
   const std::vector<torch::nn::Sequential>& partitions() const {
     return stages_.partitions;
@@ -297,28 +326,11 @@ class GPipeImpl : public torch::nn::Module {
   GPipeOptions options;
 
  private:
-  static GPipeOptions resolved(
-      const SequentialT& sequential,
-      GPipeOptions options) {
-    TORCH_CHECK(
-        !sequential.is_empty(),
-        "gpipe: GPipe needs a Sequential, got an empty holder");
-    detail::check_microbatches(options.microbatches());
-    detail::check_modes(
-        options.checkpoint(), options.schedule(), options.loss_reduction());
-    options.balance(detail::resolve_balance(
-        static_cast<int64_t>(sequential->size()),
-        options.partitions(),
-        options.balance()));
-    options.devices(
-        detail::resolve_devices(options.partitions(), options.devices()));
-    return options;
-  }
-
   /// What every call checks first: nothing fixed has changed, and the
   /// per-call knobs are valid.
   void check_call(const detail::Bundle& input) const {
     drift_.check_unchanged(sequential_, options);
+    ties_.check_equal();
     detail::check_microbatches(options.microbatches());
     detail::check_modes(
         options.checkpoint(), options.schedule(), options.loss_reduction());
@@ -451,6 +463,7 @@ class GPipeImpl : public torch::nn::Module {
 
   SequentialT sequential_{nullptr};
   detail::DriftGuard drift_; // the structure as built
+  detail::DeclaredTies ties_; // GPipeOptions::tie
   detail::LocalStages stages_;
   detail::SkipChannels skip_channels_; // the routes, for the executor
   /// Per parameter: the one lane whose partitions register it, or -1.

@@ -78,6 +78,7 @@ class DriftGuard {
         "concurrent_cpu_partitions",
         built_.concurrent_cpu_partitions(),
         options.concurrent_cpu_partitions());
+    fixed("ties", built_.ties(), options.ties());
   }
 
   /// A pipe's partitions stay on the devices it was built with: moving
@@ -109,6 +110,15 @@ class DriftGuard {
   template <typename T>
   static std::string printable(const std::vector<T>& values) {
     return c10::Join(", ", values);
+  }
+
+  static std::string printable(
+      const std::vector<std::vector<std::string>>& ties) {
+    std::string out;
+    for (const auto& names : ties) {
+      out += (out.empty() ? "{" : ", {") + c10::Join(", ", names) + "}";
+    }
+    return out;
   }
 
   std::vector<const torch::nn::Module*> layers_;

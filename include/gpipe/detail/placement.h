@@ -170,7 +170,8 @@ inline void reject_modules_shared_across_devices(
         " and ",
         devices[j],
         "); it can live on one device only: share it between partitions "
-        "on one device, or give each partition its own copy");
+        "on one device, or give each partition its own copy and declare "
+        "the copies tied (GPipeOptions::tie)");
   };
   for (size_t j = 0; j < partitions.size(); ++j) {
     for (const auto& module : partitions[j]->modules(/*include_self=*/false)) {
