@@ -7,14 +7,17 @@
 // with a weight of its own, for example) and the copies are declared tied.
 // The pipe then
 //   * sets every copy to the first one's value when it is built;
-//   * mirrors gradients: a hook on each copy sees that copy's whole gradient
-//     of a backward (the pipe runs hooks once per backward, Note [Where
-//     parameter gradients go]) and adds it to every other copy's pending
-//     sum; when the backward ends (the engine's final callback) the pending
-//     sums are added to `.grad`. So every copy's `.grad` is the sum over all
-//     copies, as the one shared tensor's would be, whether the backward is
-//     the user's (after `forward()`) or the step's, and under gradient
-//     accumulation too;
+//   * sums gradients in one order for every copy: a hook on each copy takes
+//     that copy's whole gradient of a backward (the pipe runs hooks once
+//     per backward, Note [Where parameter gradients go]) and lets zeros
+//     through in its place; when the backward ends (the engine's final
+//     callback) the copies' gradients are summed in copy order and the one
+//     sum is added to every copy's `.grad`. So every copy's `.grad` is the
+//     sum over all copies, as the one shared tensor's would be, whether the
+//     backward is the user's (after `forward()`) or the step's, and it is
+//     bit-identical on every copy under gradient accumulation too (adding
+//     each copy's own gradient first would sum in a different order per
+//     copy, and the copies would drift in the last bit);
 //     (A backward that asks for particular tensors, `autograd::grad` or
 //     `backward(inputs=...)`, leaves ties alone, as it leaves `.grad`.)
 //   * checks before each call that the copies are still equal: every
@@ -92,11 +95,11 @@ class DeclaredTies {
       }
       state_->ties.push_back(std::move(tie));
     }
-    state_->pending.resize(state_->ties.size());
+    state_->taken.resize(state_->ties.size());
     torch::NoGradGuard no_grad;
     for (size_t t = 0; t < state_->ties.size(); ++t) {
       auto& tie = state_->ties[t];
-      state_->pending[t].resize(tie.copies.size());
+      state_->taken[t].resize(tie.copies.size());
       for (size_t c = 0; c < tie.copies.size(); ++c) {
         if (c > 0) {
           tie.copies[c].copy_(tie.copies[0]);
@@ -106,10 +109,9 @@ class DeclaredTies {
         }
         std::weak_ptr<State> weak = state_;
         tie.hooks.push_back(tie.copies[c].register_hook(
-            [weak, t, c](const torch::Tensor& grad) {
-              if (auto state = weak.lock()) {
-                state->mirror(t, c, grad);
-              }
+            [weak, t, c](const torch::Tensor& grad) -> torch::Tensor {
+              auto state = weak.lock();
+              return state ? state->take(t, c, grad) : grad;
             }));
       }
     }
@@ -215,34 +217,25 @@ class DeclaredTies {
   struct State : std::enable_shared_from_this<State> {
     std::vector<Tie> ties;
     std::mutex mutex;
-    /// Per tie, per copy: the other copies' gradients not yet added.
-    std::vector<std::vector<torch::Tensor>> pending;
+    /// Per tie, per copy: its gradient in this backward, not yet summed.
+    std::vector<std::vector<torch::Tensor>> taken;
     bool settle_queued = false;
 
-    void mirror(size_t t, size_t c, const torch::Tensor& grad) {
+    /// Keeps copy c's gradient for the sum and returns what its `.grad`
+    /// accumulates now: zeros.
+    torch::Tensor take(size_t t, size_t c, const torch::Tensor& grad) {
       // A graph task that asks for particular tensors (autograd::grad,
       // backward(inputs=...)) leaves the ties alone, as the pipe leaves
       // `.grad` alone there (Note [Where parameter gradients go]).
       const auto* exec_info =
           torch::autograd::get_current_graph_task_exec_info();
       if (exec_info != nullptr && !exec_info->empty()) {
-        return;
+        return grad;
       }
       torch::NoGradGuard no_grad;
       std::lock_guard<std::mutex> lock(mutex);
-      auto& sums = pending[t];
-      for (size_t other = 0; other < sums.size(); ++other) {
-        if (other == c) {
-          continue;
-        }
-        // A copy: the engine may keep `grad` itself as copy c's `.grad`.
-        auto moved = grad.to(
-            ties[t].copies[other].device(),
-            grad.scalar_type(),
-            /*non_blocking=*/false,
-            /*copy=*/true);
-        sums[other] = sums[other].defined() ? sums[other].add_(moved) : moved;
-      }
+      auto& kept = taken[t][c];
+      kept = kept.defined() ? kept + grad : grad;
       if (!settle_queued) {
         settle_queued = true;
         // The final callbacks of the backward that runs this hook: they run
@@ -250,6 +243,7 @@ class DeclaredTies {
         torch::autograd::Engine::get_default_engine().queue_callback(
             [self = shared_from_this()] { self->settle(); });
       }
+      return torch::zeros_like(grad);
     }
 
     void settle() {
@@ -257,18 +251,29 @@ class DeclaredTies {
       std::lock_guard<std::mutex> lock(mutex);
       settle_queued = false;
       for (size_t t = 0; t < ties.size(); ++t) {
-        for (size_t c = 0; c < ties[t].copies.size(); ++c) {
-          auto& sum = pending[t][c];
-          if (!sum.defined()) {
-            continue;
+        const auto& copies = ties[t].copies;
+        torch::Tensor sum; // in copy order, on the first copy's device
+        for (auto& kept : taken[t]) {
+          if (kept.defined()) {
+            auto here = kept.to(copies[0].device());
+            sum = sum.defined() ? sum + here : here;
+            kept = torch::Tensor();
           }
-          auto& grad = ties[t].copies[c].mutable_grad();
+        }
+        if (!sum.defined()) {
+          continue;
+        }
+        for (const auto& copy : copies) {
+          auto& grad = copy.mutable_grad();
           if (grad.defined()) {
-            grad.add_(sum);
+            grad.add_(sum.to(grad.device()));
           } else {
-            grad = sum;
+            grad = sum.to(
+                copy.device(),
+                sum.scalar_type(),
+                /*non_blocking=*/false,
+                /*copy=*/true);
           }
-          sum = torch::Tensor();
         }
       }
     }
