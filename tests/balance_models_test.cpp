@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+namespace balance_models_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -395,3 +397,5 @@ TEST(BalanceModels, SampleTensorsOnDifferentDevicesOrBatchSizesAreRejected) {
   EXPECT_NE(batch_error.find("tensor 1 shape: [3, 4]"), std::string::npos)
       << batch_error;
 }
+
+} // namespace balance_models_test

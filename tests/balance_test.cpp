@@ -12,6 +12,8 @@
 #include <random>
 #include <thread>
 
+namespace balance_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -835,3 +837,5 @@ TEST(Balance, ParametersOnAnotherDeviceThanTheSampleAreRejected_CUDA) {
       }),
       "gpipe: layer 0 has a parameter on cpu but the sample is on cuda:0 (profiling runs on the sample's device: move the Sequential there first)");
 }
+
+} // namespace balance_test

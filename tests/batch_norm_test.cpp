@@ -3,6 +3,8 @@
 // batch's statistics once per call, as plain training of that batch does.
 #include "test_support.h"
 
+namespace batch_norm_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -197,3 +199,5 @@ TEST(BatchNorm, EvalOutputAfterDeferredTrainingMatchesPlainForTheFirstNorm) {
   gpipe_test::expect_close(
       {head_pipe->forward(probe)}, {head_plain->forward(probe)}, 1e-6, "eval");
 }
+
+} // namespace batch_norm_test

@@ -9,6 +9,8 @@
 #include <set>
 #include <tuple>
 
+namespace chart_test {
+
 using gpipe::Phase;
 using gpipe::ScheduleLayout;
 using gpipe::ScheduleSlice;
@@ -205,3 +207,5 @@ TEST(Chart, TheoreticalOneFOneBScheduleIsTheLockstepGridWithTheFillDrainSpan) {
   EXPECT_EQ(last_row[2], std::make_pair(gpipe::Phase::Forward, 5.0));
   EXPECT_EQ(last_row[3], std::make_pair(gpipe::Phase::Backward, 6.0));
 }
+
+} // namespace chart_test

@@ -2,6 +2,8 @@
 // the checkpoint mode or on thread timing.
 #include "test_support.h"
 
+namespace checkpoint_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -101,3 +103,5 @@ TEST(Checkpointing, RecomputeRunsUnderGradModeEvenThoughForwardDidNot) {
       grad_mode_seen,
       (std::vector<bool>{true, false, false, true, true, true}));
 }
+
+} // namespace checkpoint_test

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <thread>
 
+namespace concurrency_test {
+
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
 using gpipe::Schedule;
@@ -135,3 +137,5 @@ TEST(Concurrency, ConcurrentCpuPartitionsStillTrainLikePlain) {
         gpipe::to_string(schedule));
   }
 }
+
+} // namespace concurrency_test

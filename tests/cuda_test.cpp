@@ -4,17 +4,14 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+namespace cuda_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
 using gpipe_test::clone_of;
 using gpipe_test::grads_of;
 using gpipe_test::make_mlp;
-
-#define SKIP_WITHOUT_CUDA()                      \
-  if (!gpipe_test::cuda_available()) {           \
-    GTEST_SKIP() << "no CUDA device is present"; \
-  }
 
 namespace {
 
@@ -221,3 +218,5 @@ TEST(
     }
   }
 }
+
+} // namespace cuda_test

@@ -3,6 +3,8 @@
 
 #include <atomic>
 
+namespace errors_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -210,3 +212,5 @@ TEST(Faults, DoubleBackwardIsRejectedClearly) {
       }),
       "gpipe: double backward through a pipe is not supported (call backward without create_graph=true)");
 }
+
+} // namespace errors_test

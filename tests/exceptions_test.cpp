@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+namespace exceptions_test {
+
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
 using gpipe::Schedule;
@@ -43,7 +45,7 @@ struct Expected {
 Expected expected(Thrown what) {
   switch (what) {
     case Thrown::UserType:
-      return {"(anonymous namespace)::DataError", "a bad row"};
+      return {"exceptions_test::(anonymous namespace)::DataError", "a bad row"};
     case Thrown::BadAlloc:
       return {"std::bad_alloc", "std::bad_alloc"};
     case Thrown::Int:
@@ -208,7 +210,8 @@ TEST(
   trap = {true, Thrown::UserType, "forward"};
   for (int k = 0; k < 5; ++k) {
     const auto failure = failure_of([&] { pipe(torch::randn({8, 4})); });
-    EXPECT_EQ(failure.type, "(anonymous namespace)::DataError");
+    EXPECT_EQ(
+        failure.type, "exceptions_test::(anonymous namespace)::DataError");
     EXPECT_EQ(failure.cell.rfind("partition 1, micro-batch ", 0), 0u)
         << failure.cell;
   }
@@ -223,3 +226,5 @@ TEST(ExceptionsKeepTheirType, AnExceptionFromOutsideAPipeHasNoCell) {
     EXPECT_FALSE(gpipe::failed_cell(std::current_exception()).has_value());
   }
 }
+
+} // namespace exceptions_test

@@ -11,6 +11,8 @@
 #include <map>
 #include <thread>
 
+namespace executor_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -620,3 +622,5 @@ TEST(Transport, AbortWakesEveryLaneWaitingInAReceive) {
   }
   EXPECT_EQ(woken.load(), 3);
 }
+
+} // namespace executor_test

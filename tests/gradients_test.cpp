@@ -8,6 +8,8 @@
 #include <limits>
 #include <sstream>
 
+namespace gradients_test {
+
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
 using gpipe::GradScaler;
@@ -566,3 +568,5 @@ TEST(GradScaler, BadOptionsAndCallsOutOfOrderAreErrorsNamingThem) {
       error_of([&] { scaler.unscale({w}); }).find("unscale ran twice"),
       std::string::npos);
 }
+
+} // namespace gradients_test

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <filesystem>
 
+namespace lifecycle_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -309,3 +311,5 @@ TEST(Lifecycle, AModuleSharedByPartitionsOnDifferentDevicesIsRejected_CUDA) {
       }),
       "gpipe: a module is used by partitions 0 and 1, which are on different devices"));
 }
+
+} // namespace lifecycle_test

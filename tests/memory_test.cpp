@@ -5,6 +5,8 @@
 
 #include <thread>
 
+namespace memory_test {
+
 namespace {
 
 constexpr int64_t kFourMegabytes = 4 * 1024 * 1024;
@@ -120,3 +122,5 @@ TEST(Memory, RawAllocationsThroughTheCountingAllocatorAreCountedAndFreed) {
   allocator->raw_deallocate(raw);
   EXPECT_EQ(gpipe::memory_stats(cpu).current_bytes, meter.start_bytes(cpu));
 }
+
+} // namespace memory_test

@@ -9,6 +9,8 @@
 #include <tuple>
 #include <vector>
 
+namespace multi_tensor_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -441,3 +443,5 @@ TEST(MultiTensor, ABracedListIsAListEvenOfOneTensor) {
   EXPECT_TRUE(torch::allclose(pipe->forward({x}), plain->forward(Tensors{x})));
   EXPECT_TRUE(torch::allclose(pipe({x, x}), plain->forward(Tensors{x, x})));
 }
+
+} // namespace multi_tensor_test

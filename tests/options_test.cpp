@@ -3,6 +3,8 @@
 // (options may change between calls), never a silent default.
 #include "test_support.h"
 
+namespace options_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -74,3 +76,5 @@ TEST(Options, AForgedLossReductionIsRejectedNamingTheReductions) {
       "gpipe: loss_reduction is not a Reduction (value: 7); use "
       "Reduction::Mean or Reduction::Sum");
 }
+
+} // namespace options_test

@@ -1,6 +1,8 @@
 // Transparency: a pipe trains exactly like the Sequential it wraps.
 #include "test_support.h"
 
+namespace pipe_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -326,3 +328,5 @@ TEST(Pipe, PrettyPrintShowsTheResolvedOptions) {
       stream.str(),
       "gpipe::GPipe(partitions=2, microbatches=4, checkpoint=except_last, balance=[2, 2], devices=[cpu, cpu])");
 }
+
+} // namespace pipe_test

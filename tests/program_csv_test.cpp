@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+namespace program_csv_test {
+
 using gpipe::ProgramFormat;
 
 namespace {
@@ -390,3 +392,5 @@ TEST(ProgramCsv, RandomBytesAndTruncationsThrowACleanErrorOrParse) {
   }
   EXPECT_GT(parsed, 0);
 }
+
+} // namespace program_csv_test

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+namespace program_test {
+
 using gpipe::Action;
 using gpipe::Costs;
 using gpipe::Op;
@@ -774,3 +776,5 @@ TEST(ScheduleNames, AreTheOptionSpellings) {
       gpipe::to_string(gpipe::Phase::BackwardWeight), "backward_weight");
   EXPECT_STREQ(gpipe::to_string(Op::SEND_B), "SEND_B");
 }
+
+} // namespace program_test

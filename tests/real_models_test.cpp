@@ -11,6 +11,8 @@
 #include <atomic>
 #include <functional>
 
+namespace real_models_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -494,3 +496,5 @@ TEST(RealModels, AFrozenParameterAfterForwardIsSkippedAsPlainTrainingDoes) {
     EXPECT_TRUE(seq->ptr(2)->parameters()[0].grad().defined());
   }
 }
+
+} // namespace real_models_test

@@ -5,6 +5,8 @@
 
 #include <atomic>
 
+namespace recompute_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -139,3 +141,5 @@ TEST(SequentialAccess, APipeAnswersSizeIndexAndIterationLikeItsSequential) {
       error_of([&] { pipe[6]; }),
       "gpipe: index 6 is out of range for a pipe of 6 layers");
 }
+
+} // namespace recompute_test

@@ -4,6 +4,8 @@
 
 #include <set>
 
+namespace schedule_test {
+
 using gpipe::clock_cycles;
 using gpipe::ClockTick;
 
@@ -228,3 +230,5 @@ TEST(Lockstep, RejectsAnOrderThatDeadlocksAndPrintsTheGridSoFar) {
       "   1  .     1F0 \n"
       ">>> step 2: lane 0 waits at 0RECV_B0 for 1SEND_B0, lane 1 waits at 1RECV_F1 for 0SEND_F1");
 }
+
+} // namespace schedule_test

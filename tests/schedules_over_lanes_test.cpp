@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+namespace schedules_over_lanes_test {
+
 using gpipe::Costs;
 using gpipe::Program;
 using gpipe::Schedule;
@@ -262,3 +264,5 @@ TEST(SchedulesOverLanes, APlacementThatDoesNotFitSaysWhatWould) {
           [] { gpipe::schedule_actions(Schedule::ZeroBubbleV, 4, 2); }),
       "gpipe: zero_bubble_v puts several stages on each lane; use build_program with lane_of_stage (m: 4, n: 2)");
 }
+
+} // namespace schedules_over_lanes_test

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+namespace search_test {
+
 using gpipe::Costs;
 using gpipe::Program;
 using gpipe::Schedule;
@@ -328,3 +330,5 @@ TEST(AutoSchedule, CannotBeBuiltWithoutMeasuredCosts) {
       "gpipe: auto is searched for the costs a pipe measures; use search_schedule (search.h), or Schedule::Auto in a pipe's options (m: 4, n: 2)");
   EXPECT_EQ(gpipe::parse_schedule("auto"), Schedule::Auto);
 }
+
+} // namespace search_test

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+namespace skip_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -820,3 +822,5 @@ TEST(Skip, SkipsBetweenAGpuAndTheCpuTrainLikePlainOnEverySchedule_CUDA) {
     }
   }
 }
+
+} // namespace skip_test

@@ -4,6 +4,8 @@
 
 #include <gpipe/memory.h>
 
+namespace step_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -325,3 +327,5 @@ TEST(Step, OneFOneBKeepsAThirdOfFillDrainsActivationsAtSixteenMicrobatches) {
       static_cast<double>(one_f_one_b), 0.35 * static_cast<double>(fill_drain))
       << "fill_drain " << fill_drain << " B, 1f1b " << one_f_one_b << " B";
 }
+
+} // namespace step_test

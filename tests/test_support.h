@@ -220,3 +220,9 @@ inline bool cuda_available() {
 }
 
 } // namespace gpipe_test
+
+/// Skips the test where no CUDA device is present.
+#define SKIP_WITHOUT_CUDA()                      \
+  if (!gpipe_test::cuda_available()) {           \
+    GTEST_SKIP() << "no CUDA device is present"; \
+  }

@@ -16,6 +16,8 @@
 #include <thread>
 #include <tuple>
 
+namespace timeline_test {
+
 using gpipe::Checkpoint;
 using gpipe::GPipe;
 using gpipe::GPipeOptions;
@@ -23,11 +25,6 @@ using gpipe::Phase;
 using gpipe::Timeline;
 using gpipe::TimelineEvent;
 using gpipe::TimelineOptions;
-
-#define SKIP_WITHOUT_CUDA()                      \
-  if (!gpipe_test::cuda_available()) {           \
-    GTEST_SKIP() << "no CUDA device is present"; \
-  }
 
 namespace {
 
@@ -651,3 +648,5 @@ TEST(Trace, ChromeTraceOfAWindowThatWrappedParsesAndHasTheWindowsSlices) {
   }
   EXPECT_EQ(complete, 10u);
 }
+
+} // namespace timeline_test

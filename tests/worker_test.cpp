@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+namespace worker_test {
+
 TEST(Workers, TasksOnDifferentWorkersRunAtTheSameTime) {
   gpipe::detail::Worker first, second;
   std::atomic<int> running{0};
@@ -65,3 +67,5 @@ TEST(Workers, WorkersSeeTheCallersGradMode) {
       tasks, gpipe::detail::CallerContext{at::ThreadLocalState(), {}});
   EXPECT_FALSE(seen);
 }
+
+} // namespace worker_test
