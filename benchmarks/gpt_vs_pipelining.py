@@ -46,7 +46,7 @@ def launch(impl, schedule, args, env):
         program = ["--no-python", args.gpt_binary]
         flags = sizes + [
             "--distributed=1", "--stages=4", f"--schedule={schedule}",
-            f"--steps={args.steps + args.warmup}", f"--warmup={args.warmup}",
+            f"--steps={args.steps + args.warmup}", f"--untimed={args.warmup}",
             "--compare=0", "--clip=0", "--sample=0", "--every=1000", "--json=1",
             "--checkpoint=never",  # pipelining keeps every activation too
             "--checkpoint-dir=/tmp/gpt_vs_pipelining", "--output=/tmp/gpt_vs_pipelining",

@@ -81,7 +81,7 @@ constexpr const char* kUsage =
     "  --sample N             characters to generate at the end (default 200)\n"
     "  --output DIR           gpt_loss.svg and gpt_curve.csv (default .)\n"
     "  --seed N               (default 0)\n"
-    "  --warmup N             distributed: steps left out of --json's timing\n"
+    "  --untimed N            distributed: steps left out of --json's timing\n"
     "                         (default 0)\n"
     "  --json 0|1             distributed: rank 0 ends with a JSON line of the\n"
     "                         median step time and every rank's peak RSS, as\n"
@@ -116,7 +116,7 @@ struct Flags {
   int64_t sample = 200;
   std::string output = ".";
   int64_t seed = 0;
-  int64_t warmup_steps = 0;
+  int64_t untimed_steps = 0;
   bool json = false;
 };
 
@@ -208,8 +208,8 @@ Flags parse_flags(int argc, char** argv) {
           flags.sample = whole(0);
         } else if (name == "output") {
           flags.output = value;
-        } else if (name == "warmup") {
-          flags.warmup_steps = whole(0);
+        } else if (name == "untimed") {
+          flags.untimed_steps = whole(0);
         } else if (name == "json") {
           flags.json = whole(0) != 0;
         } else if (name == "seed") {
@@ -906,7 +906,7 @@ void print_json(
   std::cout << "{\"impl\":\"gpipe\",\"model\":\"gpt\",\"schedule\":\""
             << flags.schedule << "\",\"layers\":" << flags.layers
             << ",\"stages\":" << pipe.stages()
-            << ",\"ties\":" << pipe.ties().size()
+            << ",\"ties\":" << pipe.ties().size() << ",\"timed_steps\":" << n
             << ",\"step_ms_median\":" << std::fixed << std::setprecision(3)
             << 1e3 * median << ",\"peak_rss_mb\":[" << c10::Join(",", rss_mb)
             << "]}" << std::defaultfloat << std::endl;
@@ -977,7 +977,7 @@ int run_distributed(const Flags& flags, const Corpus& corpus) {
   }
   Curve curve;
   double pipe_seconds = 0;
-  std::vector<double> step_seconds; // after --warmup
+  std::vector<double> step_seconds; // after --untimed
   for (int64_t step = first; step < flags.steps; ++step) {
     if (step == flags.kill_at_step && world->attempt() == 0 &&
         world->rank() == world->size() - 1) {
@@ -1004,7 +1004,7 @@ int run_distributed(const Flags& flags, const Corpus& corpus) {
           [&](double max_norm) { return gd::clip_grad_norm(pipe, max_norm); });
     });
     pipe_seconds += seconds;
-    if (step - first >= flags.warmup_steps) {
+    if (step - first >= flags.untimed_steps) {
       step_seconds.push_back(seconds);
     }
     curve.add(flags, step, pipe_loss, plain_loss, /*print=*/rank0);
