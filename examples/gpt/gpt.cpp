@@ -83,6 +83,9 @@ constexpr const char* kUsage =
     "  --seed N               (default 0)\n"
     "  --untimed N            distributed: steps left out of --json's timing\n"
     "                         (default 0)\n"
+    "  --replica-bucket-bytes N  distributed, with replicas: their gradient\n"
+    "                         sums' bucket size; 0: all after the drain\n"
+    "                         (default 0)\n"
     "  --json 0|1             distributed: rank 0 ends with a JSON line of the\n"
     "                         median step time and every rank's peak RSS, as\n"
     "                         benchmarks/gpt_vs_pipelining.py reads (default 0)\n";
@@ -117,6 +120,7 @@ struct Flags {
   std::string output = ".";
   int64_t seed = 0;
   int64_t untimed_steps = 0;
+  int64_t replica_bucket_bytes = 0;
   bool json = false;
 };
 
@@ -210,6 +214,8 @@ Flags parse_flags(int argc, char** argv) {
           flags.output = value;
         } else if (name == "untimed") {
           flags.untimed_steps = whole(0);
+        } else if (name == "replica-bucket-bytes") {
+          flags.replica_bucket_bytes = whole(0);
         } else if (name == "json") {
           flags.json = whole(0) != 0;
         } else if (name == "seed") {
@@ -906,10 +912,11 @@ void print_json(
   std::cout << "{\"impl\":\"gpipe\",\"model\":\"gpt\",\"schedule\":\""
             << flags.schedule << "\",\"layers\":" << flags.layers
             << ",\"stages\":" << pipe.stages()
-            << ",\"ties\":" << pipe.ties().size() << ",\"timed_steps\":" << n
-            << ",\"step_ms_median\":" << std::fixed << std::setprecision(3)
-            << 1e3 * median << ",\"peak_rss_mb\":[" << c10::Join(",", rss_mb)
-            << "]}" << std::defaultfloat << std::endl;
+            << ",\"ties\":" << pipe.ties().size()
+            << ",\"replica_bucket_bytes\":" << flags.replica_bucket_bytes
+            << ",\"timed_steps\":" << n << ",\"step_ms_median\":" << std::fixed
+            << std::setprecision(3) << 1e3 * median << ",\"peak_rss_mb\":["
+            << c10::Join(",", rss_mb) << "]}" << std::defaultfloat << std::endl;
 }
 
 int run_distributed(const Flags& flags, const Corpus& corpus) {
@@ -920,7 +927,8 @@ int run_distributed(const Flags& flags, const Corpus& corpus) {
                      .microbatches(flags.microbatches)
                      .schedule(schedule)
                      .checkpoint(flags.checkpoint)
-                     .stages_per_rank(gpipe::stages_per_lane(schedule));
+                     .stages_per_rank(gpipe::stages_per_lane(schedule))
+                     .replica_bucket_bytes(flags.replica_bucket_bytes);
   if (flags.device == "cuda") {
     options.device(torch::kCUDA).backend(gd::Backend::Gloo);
   }

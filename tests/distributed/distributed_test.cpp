@@ -75,6 +75,59 @@ torch::Tensor loss_of(
                                    : torch::Reduction::Sum);
 }
 
+/// Whether the last step's replica sums started where Note [Replica sums
+/// overlap the drain] says, for the MLP of make_model (printed if not):
+/// all after the drain with `bucket_bytes` 0; else, on a rank of one stage
+/// with no hooked parameter whose last weight-gradient op is a B, every
+/// bucket during that B (a W of the first stage has nothing left to do: its
+/// I did the weights too, as no input requires grad).
+bool expected_replica_sums(
+    gd::DistributedGPipeImpl& pipe,
+    int64_t m,
+    int64_t bucket_bytes,
+    bool hook,
+    const std::string& what,
+    int64_t step) {
+  const auto& lane = pipe.program_for(m, pipe.last_step_by_order())
+                         .lanes[static_cast<size_t>(pipe.position())];
+  gpipe::Op last_weight_op = gpipe::Op::F;
+  for (const auto& action : lane) {
+    if (action.op == gpipe::Op::B || action.op == gpipe::Op::W) {
+      last_weight_op = action.op;
+    }
+  }
+  const auto sums = pipe.last_step_replica_sums();
+  bool expected = sums.buckets ==
+      sums.during_backward + sums.after_backward + sums.after_drain;
+  if (pipe.replicas() == 1) {
+    expected = expected && sums.buckets == 0;
+  } else if (bucket_bytes == 0) {
+    // One bucket (every parameter is float64), after the drain.
+    expected = expected && sums.buckets == 1 && sums.after_drain == 1;
+  } else if (bucket_bytes > 0 && bucket_bytes <= 8) {
+    // A bucket per parameter.
+    const auto parameters = static_cast<int64_t>(pipe.parameters().size());
+    expected = expected && sums.buckets == parameters;
+    if (hook && pipe.is_first()) {
+      // The hooked weight is registered first, so its bucket starts last.
+      expected = expected && sums.after_drain == 1;
+    } else if (pipe.my_stages().size() == 1 && last_weight_op == gpipe::Op::B) {
+      expected = expected && sums.during_backward == parameters;
+    } else {
+      expected = expected && sums.after_drain == 0;
+    }
+  }
+  if (!expected) {
+    std::cout << "MISMATCH " << what << ": step " << step << " on rank "
+              << pipe.world()->rank() << " started " << sums.buckets
+              << " replica sums: " << sums.during_backward
+              << " during its last backward, " << sums.after_backward
+              << " after it, " << sums.after_drain << " after the drain"
+              << std::endl;
+  }
+  return expected;
+}
+
 /// Trains a DistributedGPipe and plain training of the global batch side by
 /// side for `steps` SGD steps on every schedule and checkpoint mode asked
 /// for; returns the number of mismatches (each printed).
@@ -97,6 +150,11 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
   const std::vector<int64_t> microbatch_counts = numbers("m", "1");
   // The global batch of each step, in turn: a new size is agreed anew.
   const std::vector<int64_t> batches = numbers("batches", "11");
+  // Replica bucket sizes to train with; -1: the default.
+  const std::vector<int64_t> bucket_sizes = numbers("bucket_bytes", "-1");
+  // A hook on the first stage's first parameter: its gradient is delivered
+  // after the drain (Note [Replica sums overlap the drain]).
+  const bool hook = arg(args, "hook", 0) != 0;
   int failures = 0;
   int checks = 0;
   const auto expect_close = [&](const torch::Tensor& got,
@@ -122,133 +180,150 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
           continue;
         }
         for (const int64_t m : microbatch_counts) {
-          const std::string what = std::string("schedule ") +
-              gpipe::to_string(schedule) + ", checkpoint " +
-              gpipe::to_string(mode) + ", m " + std::to_string(m) + ", " +
-              gpipe::to_string(reduction);
-          auto plain = make_model();
-          auto options = gd::DistributedOptions(stages)
-                             .microbatches(m)
-                             .schedule(schedule)
-                             .checkpoint(mode)
-                             .loss_reduction(reduction)
-                             .match_by_order(arg(args, "by_order", 0) != 0)
-                             .stages_per_rank(gpipe::stages_per_lane(schedule));
-          if (arg(args, "nccl", 0) != 0) {
-            // cuda:LOCAL_RANK, a GPU per rank.
-            options.device(torch::kCUDA).backend(gd::Backend::Nccl);
-          } else if (arg(args, "cuda", 0) != 0) {
-            options.device(torch::Device(torch::kCUDA, 0))
-                .backend(gd::Backend::Gloo);
-          }
-          if (arg(args, "user_program", 0) != 0) {
-            // The schedule's program, given as the user's own: it places
-            // the stages on the ranks itself.
-            if (schedule == Schedule::Auto) {
-              continue;
+          for (const int64_t bucket_bytes : bucket_sizes) {
+            const std::string what = std::string("schedule ") +
+                gpipe::to_string(schedule) + ", checkpoint " +
+                gpipe::to_string(mode) + ", m " + std::to_string(m) + ", " +
+                gpipe::to_string(reduction) + ", buckets of " +
+                std::to_string(bucket_bytes) + " B";
+            auto plain = make_model();
+            auto options =
+                gd::DistributedOptions(stages)
+                    .microbatches(m)
+                    .schedule(schedule)
+                    .checkpoint(mode)
+                    .loss_reduction(reduction)
+                    .match_by_order(arg(args, "by_order", 0) != 0)
+                    .stages_per_rank(gpipe::stages_per_lane(schedule));
+            if (bucket_bytes >= 0) {
+              options.replica_bucket_bytes(bucket_bytes);
             }
-            const int64_t n = stages * options.stages_per_rank();
-            options.program(gpipe::build_program(
-                schedule,
-                n,
-                m,
-                gpipe::schedule_placement(schedule, n, stages)));
-          }
-          std::vector<int64_t> built;
-          gd::DistributedGPipe pipe(nullptr);
-          if (builder) {
-            const auto whole = make_model();
-            const int64_t n = stages * options.stages_per_rank();
-            const auto balance = gpipe::detail::resolve_balance(
-                static_cast<int64_t>(whole->size()), n, {});
-            pipe = gd::DistributedGPipe(
-                world,
-                [&](int64_t s) {
-                  built.push_back(s);
-                  torch::nn::Sequential stage;
-                  int64_t first = 0;
-                  for (int64_t k = 0; k < s; ++k) {
-                    first += balance[static_cast<size_t>(k)];
-                  }
-                  for (int64_t l = first;
-                       l < first + balance[static_cast<size_t>(s)];
-                       ++l) {
-                    stage->push_back(std::to_string(l), whole->begin()[l]);
-                  }
-                  return stage;
-                },
-                options);
-            if (built != pipe->my_stages()) {
-              ++failures;
-              std::cout << "MISMATCH the builder built other stages than "
-                           "this rank's"
-                        << std::endl;
+            if (arg(args, "nccl", 0) != 0) {
+              // cuda:LOCAL_RANK, a GPU per rank.
+              options.device(torch::kCUDA).backend(gd::Backend::Nccl);
+            } else if (arg(args, "cuda", 0) != 0) {
+              options.device(torch::Device(torch::kCUDA, 0))
+                  .backend(gd::Backend::Gloo);
             }
-          } else {
-            pipe = gd::DistributedGPipe(world, make_model(), options);
-          }
-          torch::manual_seed(11);
-          std::set<int64_t> seen_batches;
-          for (int64_t step = 0; step < steps; ++step) {
-            // Uneven: 11 samples give replica shards of 6 and 5.
-            const int64_t batch =
-                batches[static_cast<size_t>(step) % batches.size()];
-            const auto x = torch::randn({batch, 5}, torch::kFloat64);
-            const auto y = torch::randn({batch, 5}, torch::kFloat64);
-            plain->zero_grad();
-            const auto want = loss_of(plain->forward(x), y, reduction);
-            want.backward();
-            const auto shard_x =
-                torch::tensor_split(x, replicas)[pipe->replica()];
-            const auto shard_y =
-                torch::tensor_split(y, replicas)[pipe->replica()];
-            pipe->zero_grad();
-            const auto got = pipe->step(
-                pipe->is_first() ? shard_x : torch::Tensor(),
-                pipe->is_last() ? shard_y : torch::Tensor(),
-                [&](const torch::Tensor& out, const torch::Tensor& target) {
-                  return loss_of(out, target, reduction);
-                });
-            expect_close(
-                got,
-                want.detach(),
-                what + ": loss of step " + std::to_string(step));
-            // Note [Ordered steps]: the first step of a batch shape agrees
-            // the shapes, with tags; the next ones go by order.
-            const bool by_order =
-                arg(args, "by_order", 0) != 0 || arg(args, "nccl", 0) != 0;
-            const bool shape_seen_before = seen_batches.count(batch) > 0;
-            seen_batches.insert(batch);
-            ++checks;
-            if (pipe->last_step_by_order() != (by_order && shape_seen_before)) {
-              ++failures;
-              std::cout << "MISMATCH " << what << ": step " << step
-                        << " went by order: " << pipe->last_step_by_order()
-                        << std::endl;
+            if (arg(args, "user_program", 0) != 0) {
+              // The schedule's program, given as the user's own: it places
+              // the stages on the ranks itself.
+              if (schedule == Schedule::Auto) {
+                continue;
+              }
+              const int64_t n = stages * options.stages_per_rank();
+              options.program(gpipe::build_program(
+                  schedule,
+                  n,
+                  m,
+                  gpipe::schedule_placement(schedule, n, stages)));
+            }
+            std::vector<int64_t> built;
+            gd::DistributedGPipe pipe(nullptr);
+            if (builder) {
+              const auto whole = make_model();
+              const int64_t n = stages * options.stages_per_rank();
+              const auto balance = gpipe::detail::resolve_balance(
+                  static_cast<int64_t>(whole->size()), n, {});
+              pipe = gd::DistributedGPipe(
+                  world,
+                  [&](int64_t s) {
+                    built.push_back(s);
+                    torch::nn::Sequential stage;
+                    int64_t first = 0;
+                    for (int64_t k = 0; k < s; ++k) {
+                      first += balance[static_cast<size_t>(k)];
+                    }
+                    for (int64_t l = first;
+                         l < first + balance[static_cast<size_t>(s)];
+                         ++l) {
+                      stage->push_back(std::to_string(l), whole->begin()[l]);
+                    }
+                    return stage;
+                  },
+                  options);
+              if (built != pipe->my_stages()) {
+                ++failures;
+                std::cout << "MISMATCH the builder built other stages than "
+                             "this rank's"
+                          << std::endl;
+              }
+            } else {
+              pipe = gd::DistributedGPipe(world, make_model(), options);
+            }
+            if (hook && pipe->is_first()) {
+              pipe->parameters().front().register_hook(
+                  [](torch::Tensor grad) { return grad; });
+            }
+            torch::manual_seed(11);
+            std::set<int64_t> seen_batches;
+            for (int64_t step = 0; step < steps; ++step) {
+              // Uneven: 11 samples give replica shards of 6 and 5.
+              const int64_t batch =
+                  batches[static_cast<size_t>(step) % batches.size()];
+              const auto x = torch::randn({batch, 5}, torch::kFloat64);
+              const auto y = torch::randn({batch, 5}, torch::kFloat64);
+              plain->zero_grad();
+              const auto want = loss_of(plain->forward(x), y, reduction);
+              want.backward();
+              const auto shard_x =
+                  torch::tensor_split(x, replicas)[pipe->replica()];
+              const auto shard_y =
+                  torch::tensor_split(y, replicas)[pipe->replica()];
+              pipe->zero_grad();
+              const auto got = pipe->step(
+                  pipe->is_first() ? shard_x : torch::Tensor(),
+                  pipe->is_last() ? shard_y : torch::Tensor(),
+                  [&](const torch::Tensor& out, const torch::Tensor& target) {
+                    return loss_of(out, target, reduction);
+                  });
+              expect_close(
+                  got,
+                  want.detach(),
+                  what + ": loss of step " + std::to_string(step));
+              // Note [Ordered steps]: the first step of a batch shape agrees
+              // the shapes, with tags; the next ones go by order.
+              const bool by_order =
+                  arg(args, "by_order", 0) != 0 || arg(args, "nccl", 0) != 0;
+              const bool shape_seen_before = seen_batches.count(batch) > 0;
+              seen_batches.insert(batch);
+              ++checks;
+              if (pipe->last_step_by_order() !=
+                  (by_order && shape_seen_before)) {
+                ++failures;
+                std::cout << "MISMATCH " << what << ": step " << step
+                          << " went by order: " << pipe->last_step_by_order()
+                          << std::endl;
+              }
+              if (!expected_replica_sums(
+                      *pipe, m, bucket_bytes, hook, what, step)) {
+                ++failures;
+              }
+              ++checks;
+              auto reference = plain->named_parameters();
+              for (const auto& p : pipe->named_parameters()) {
+                const auto& q = reference[plain_name(p.key())];
+                expect_close(
+                    p.value().grad(),
+                    q.grad(),
+                    what + ": gradient of " + p.key() + " at step " +
+                        std::to_string(step));
+              }
+              torch::NoGradGuard no_grad;
+              for (auto& q : plain->parameters()) {
+                q.sub_(0.1 * q.grad());
+              }
+              for (auto& p : pipe->parameters()) {
+                p.sub_(0.1 * p.grad());
+              }
             }
             auto reference = plain->named_parameters();
             for (const auto& p : pipe->named_parameters()) {
-              const auto& q = reference[plain_name(p.key())];
               expect_close(
-                  p.value().grad(),
-                  q.grad(),
-                  what + ": gradient of " + p.key() + " at step " +
-                      std::to_string(step));
+                  p.value(),
+                  reference[plain_name(p.key())],
+                  what + ": weight " + p.key() + " after the steps");
             }
-            torch::NoGradGuard no_grad;
-            for (auto& q : plain->parameters()) {
-              q.sub_(0.1 * q.grad());
-            }
-            for (auto& p : pipe->parameters()) {
-              p.sub_(0.1 * p.grad());
-            }
-          }
-          auto reference = plain->named_parameters();
-          for (const auto& p : pipe->named_parameters()) {
-            expect_close(
-                p.value(),
-                reference[plain_name(p.key())],
-                what + ": weight " + p.key() + " after the steps");
           }
         }
       }
@@ -950,6 +1025,22 @@ TEST(
 TEST(Distributed, TwoReplicasOfTwoStagesTrainLikePlainOnTheGlobalBatch) {
   expect_all_succeeded(
       mp::run({"train", "stages=2,m=3,steps=2,sum=1", /*world=*/4}));
+}
+
+TEST(
+    Distributed,
+    ReplicasSumInBucketsDuringTheLastBackwardOrAfterTheDrainAndTrainLikePlain) {
+  // Buckets of 8 bytes: one per parameter, started as each parameter's
+  // gradient is final; 0: one bucket, after the drain, as before buckets.
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=3,steps=2,sum=1,bucket_bytes=8:0", /*world=*/4}));
+}
+
+TEST(
+    Distributed,
+    AHookedParametersBucketStartsAfterTheDrainAndTrainsLikePlain) {
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=3,steps=2,bucket_bytes=8,hook=1", /*world=*/4}));
 }
 
 TEST(

@@ -31,6 +31,28 @@ namespace gpipe::detail {
 using LossFunction =
     std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
 
+/// Told when a runner's last weight-gradient op of a step (its last B or W)
+/// runs its cell's backward: from then on, the parameter gradients that
+/// backward accumulates into `.grad` are final, and all are once the op is
+/// over.
+class LastWeightsWatch {
+ public:
+  virtual ~LastWeightsWatch() = default;
+  virtual void last_begins() = 0;
+  /// Once the op is over; `completed`: false when it threw (then it must
+  /// not throw itself).
+  virtual void last_ended(bool completed) = 0;
+};
+
+/// The ops of a lane that compute weight gradients: B and W (not I).
+inline int64_t weight_ops_of(const std::vector<Action>& lane) {
+  int64_t ops = 0;
+  for (const Action& action : lane) {
+    ops += action.op == Op::B || action.op == Op::W ? 1 : 0;
+  }
+  return ops;
+}
+
 /// `step()`'s stages: the host calls each cell's StageState itself, so a
 /// cell's backward can be split into I and W (Note [Splitting a backward
 /// into I and W]) and no graph spans two cells: activations cross lanes
@@ -170,6 +192,11 @@ class StepRunner final : public StageRunner {
       states_[ss][ii].reset(); // B frees the cell's graph when done
     }
     Bundle grad_inputs(input_counts_[ss][ii]);
+    // The first stage's inputs' backward below may reach a pipe parameter
+    // too (an input computed from one): there the watch waits for it.
+    WatchedBackward watched(
+        !input_only && is_last_weight_op() ? watch_ : nullptr,
+        /*arm=*/s > 0 || !any_requires_grad(first_inputs_[ii]));
     if (state) {
       grad_inputs = with_cell_context(
           {i, s}, input_only ? "backward_input" : "backward", [&] {
@@ -187,6 +214,7 @@ class StepRunner final : public StageRunner {
           });
     }
     if (s > 0) {
+      watched.completed();
       return grad_inputs;
     }
     auto x = std::exchange(first_inputs_[ii], {});
@@ -201,23 +229,33 @@ class StepRunner final : public StageRunner {
     if (!roots.empty()) {
       torch::autograd::backward(roots, grads);
     }
+    watched.completed();
     return Bundle();
   }
 
   void backward_weight(int64_t s, int64_t i) override {
     auto state = std::exchange(
         states_[static_cast<size_t>(s)][static_cast<size_t>(i)], {});
-    if (!state) {
-      return;
+    WatchedBackward watched(
+        is_last_weight_op() ? watch_ : nullptr, /*arm=*/true);
+    if (state) {
+      with_cell_context({i, s}, "backward_weight", [&] {
+        try {
+          state->backward_weight();
+        } catch (...) {
+          state->release();
+          throw;
+        }
+      });
     }
-    with_cell_context({i, s}, "backward_weight", [&] {
-      try {
-        state->backward_weight();
-      } catch (...) {
-        state->release();
-        throw;
-      }
-    });
+    watched.completed();
+  }
+
+  /// Tells `watch` (null: no one) of the last of `weight_ops` B and W ops
+  /// this runner will run in the step.
+  void watch_last_weights(int64_t weight_ops, LastWeightsWatch* watch) {
+    weight_ops_left_ = weight_ops;
+    watch_ = watch;
   }
 
   /// The batch's loss: the micro-batches' losses added in order.
@@ -249,6 +287,51 @@ class StepRunner final : public StageRunner {
   std::vector<Bundle> first_inputs_; // for the inputs' gradients
   std::vector<torch::Tensor> last_outputs_; // the losses' leaves
   std::vector<torch::Tensor> losses_;
+  LastWeightsWatch* watch_ = nullptr;
+  int64_t weight_ops_left_ = -1; // -1: not counted
+
+  static bool any_requires_grad(const Bundle& tensors) {
+    for (const auto& tensor : tensors) {
+      if (tensor.defined() && tensor.requires_grad()) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /// Counts a B or W op; whether it is the last.
+  bool is_last_weight_op() {
+    return weight_ops_left_ > 0 && --weight_ops_left_ == 0;
+  }
+
+  /// Tells a watch that the last weight-gradient backward begins, and how
+  /// it ended.
+  class WatchedBackward {
+   public:
+    /// `arm`: whether the watch may see gradients as they are accumulated
+    /// (else it sees them when the op completes).
+    WatchedBackward(LastWeightsWatch* watch, bool arm) : watch_(watch) {
+      if (watch_ != nullptr && arm) {
+        watch_->last_begins();
+      }
+    }
+    ~WatchedBackward() {
+      if (watch_ != nullptr) {
+        watch_->last_ended(/*completed=*/false);
+      }
+    }
+    WatchedBackward(const WatchedBackward&) = delete;
+    WatchedBackward& operator=(const WatchedBackward&) = delete;
+    /// May throw (the watch may start messages), so not in the destructor.
+    void completed() {
+      if (auto* watch = std::exchange(watch_, nullptr)) {
+        watch->last_ended(/*completed=*/true);
+      }
+    }
+
+   private:
+    LastWeightsWatch* watch_;
+  };
 };
 
 } // namespace gpipe::detail

@@ -93,22 +93,47 @@ class FailureBoard {
       torch::Tensor& tensor,
       std::chrono::milliseconds timeout,
       const std::string& otherwise) {
+    wait_for(start_sum(group, tensor, timeout, otherwise), otherwise);
+  }
+
+  /// Starts summing `tensor` over `group`: wait_for the Work.
+  c10::intrusive_ptr<c10d::Work> start_sum(
+      c10d::Backend& group,
+      torch::Tensor& tensor,
+      std::chrono::milliseconds timeout,
+      const std::string& otherwise) {
     std::vector<torch::Tensor> tensors{tensor};
     c10d::AllreduceOptions reduce;
     reduce.reduceOp = c10d::ReduceOp::SUM;
     reduce.timeout = timeout;
     try {
-      group.allreduce(tensors, reduce)->wait();
+      return group.allreduce(tensors, reduce);
     } catch (const std::exception& e) {
-      const auto posted = find_within(std::chrono::milliseconds(1000));
-      TORCH_CHECK(
-          false,
-          "gpipe: ",
-          posted ? *posted : otherwise + " (" + e.what() + ")");
+      fail(otherwise, e);
+    }
+  }
+
+  /// Waits for a collective; its failure throws the posted failure, or
+  /// `otherwise`.
+  void wait_for(
+      const c10::intrusive_ptr<c10d::Work>& work,
+      const std::string& otherwise) {
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      fail(otherwise, e);
     }
   }
 
  private:
+  [[noreturn]] void fail(
+      const std::string& otherwise,
+      const std::exception& e) {
+    const auto posted = find_within(std::chrono::milliseconds(1000));
+    TORCH_CHECK(
+        false, "gpipe: ", posted ? *posted : otherwise + " (" + e.what() + ")");
+  }
+
   static std::vector<uint8_t> bytes(const std::string& text) {
     return {text.begin(), text.end()};
   }

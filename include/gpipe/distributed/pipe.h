@@ -71,6 +71,24 @@
 #include <vector>
 
 namespace gpipe::distributed {
+namespace detail {
+
+/// A step's call on one rank: its one lane owns every parameter.
+inline std::shared_ptr<gpipe::detail::PipeCall> rank_call(
+    const std::vector<torch::Tensor>& parameters,
+    int64_t stages,
+    int64_t m,
+    bool input_is_list) {
+  auto call = gpipe::detail::make_pipe_call(
+      parameters,
+      static_cast<size_t>(stages),
+      m,
+      [](const c10::TensorImpl* /*parameter*/) -> int64_t { return 0; });
+  call->input_is_list = input_is_list;
+  return call;
+}
+
+} // namespace detail
 
 /// One rank's share of a pipe across processes; use it through its holder,
 /// DistributedGPipe.
@@ -248,6 +266,13 @@ class DistributedGPipeImpl : public torch::nn::Module {
     return sums_->ties().counted(gpipe::unique_parameters(parameters()));
   }
 
+  /// When the last step's sums over the replicas started: how many of its
+  /// buckets overlapped this rank's last backward (Note [Replica sums
+  /// overlap the drain]).
+  ReplicaSums last_step_replica_sums() const {
+    return sums_->replica_sums();
+  }
+
   /// Whether tensors travel over NCCL.
   bool uses_nccl() const {
     return placement_.nccl;
@@ -311,17 +336,6 @@ class DistributedGPipeImpl : public torch::nn::Module {
 
   std::string describe(int64_t rank) const {
     return placement_.describe(rank);
-  }
-
-  std::shared_ptr<gpipe::detail::PipeCall> make_call(int64_t m, bool is_list) {
-    auto call = gpipe::detail::make_pipe_call(
-        parameters(),
-        static_cast<size_t>(n_),
-        m,
-        // One lane per process owns them all.
-        [](const c10::TensorImpl* /*parameter*/) -> int64_t { return 0; });
-    call->input_is_list = is_list;
-    return call;
   }
 
   /// Control message kinds (transport.h's control tags).
@@ -408,10 +422,10 @@ class DistributedGPipeImpl : public torch::nn::Module {
     const Program& program = program_for(m, by_order);
     last_by_order_ = by_order;
     measure.record(stages_.timeline);
-    auto call = make_call(m, header.input_is_list);
+    auto call = detail::rank_call(parameters(), n_, m, header.input_is_list);
     gpipe::detail::LaneGradients lane_gradients(1, call->parameters);
     call->lane_gradients = &lane_gradients;
-    sums_->begin(call->parameters);
+    auto* last_weights = sums_->begin(*call, batch, options.loss_reduction());
     gpipe::detail::StepRunner runner(
         stages_,
         is_training() ? options.checkpoint() : Checkpoint::Never,
@@ -423,6 +437,10 @@ class DistributedGPipeImpl : public torch::nn::Module {
         static_cast<double>(batch),
         call,
         /*needs_graph=*/true);
+    runner.watch_last_weights(
+        gpipe::detail::weight_ops_of(
+            program.lanes[static_cast<size_t>(placement_.position)]),
+        last_weights);
     gpipe::detail::Executor executor(program, runner, transport);
     transport.begin(
         call.get(),

@@ -1,6 +1,7 @@
-// The replicas of one stage in a pipe across processes: after the drain,
-// their gradients (and the step's loss) are summed so that every replica
-// holds plain training's gradient of the global batch.
+// The replicas of one stage in a pipe across processes: their gradients
+// (in buckets that start as the drain ends: replica_buckets.h) and the
+// step's loss are summed so that every replica holds plain training's
+// gradient of the global batch.
 //
 // Note [Replicas average to the global batch]
 // Under Reduction::Mean replica r computes the gradient of its own batch's
@@ -15,6 +16,7 @@
 #include <gpipe/distributed/failure.h>
 #include <gpipe/distributed/options.h>
 #include <gpipe/distributed/placement.h>
+#include <gpipe/distributed/replica_buckets.h>
 #include <gpipe/distributed/world.h>
 #include <gpipe/options.h>
 
@@ -22,7 +24,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -39,12 +41,20 @@ class ReplicaGroup {
       std::shared_ptr<World> world,
       FailureBoard& board,
       torch::Device on,
-      std::string who)
+      std::string who,
+      int64_t bucket_bytes)
       : group_(std::move(group)),
         world_(std::move(world)),
         board_(board),
         on_(on),
-        who_(std::move(who)) {}
+        who_(std::move(who)),
+        buckets_(bucket_bytes, on, [this](torch::Tensor& flat) {
+          return board_.start_sum(
+              *group_,
+              flat,
+              world_->timeout(),
+              failed_while("summing the gradients"));
+        }) {}
 
   /// The group of this rank's stage across its pipeline's replicas (NCCL
   /// where the pipe's messages go over NCCL, else Gloo); null with one
@@ -70,7 +80,29 @@ class ReplicaGroup {
         world,
         board,
         placement.nccl ? options.device() : torch::Device(torch::kCPU),
-        placement.describe(world->rank()));
+        placement.describe(world->rank()),
+        options.replica_bucket_bytes());
+  }
+
+  /// Lays out this step's buckets over `parameters` (the step's) and
+  /// returns what the runner tells of its last weight-gradient op (Note
+  /// [Replica sums overlap the drain]); `after_drain(k)`: parameter k's
+  /// gradient is final only after the drain.
+  gpipe::detail::LastWeightsWatch& begin(
+      const std::vector<torch::Tensor>& parameters,
+      const std::function<bool(size_t)>& after_drain,
+      int64_t batch,
+      Reduction reduction) {
+    buckets_.begin(
+        parameters,
+        after_drain,
+        reduction == Reduction::Mean ? static_cast<double>(batch) : 1.0);
+    return buckets_;
+  }
+
+  /// When the last step's sums started.
+  const ReplicaSums& last_sums() const {
+    return buckets_.report();
   }
 
   /// Note [Replicas average to the global batch].
@@ -81,52 +113,38 @@ class ReplicaGroup {
       const torch::Tensor& loss,
       Reduction reduction) {
     torch::NoGradGuard no_grad;
+    buckets_.start_rest();
     const bool mean = reduction == Reduction::Mean;
     const double weight = mean ? static_cast<double>(batch) : 1.0;
     // [N, loss * weight, then per parameter: whether it has a gradient].
     auto meta = torch::zeros(
         {2 + static_cast<int64_t>(parameters.size())}, torch::kFloat64);
-    meta[0] = static_cast<double>(batch);
-    meta[1] = loss.item<double>() * weight;
-    std::map<c10::ScalarType, std::vector<size_t>> by_dtype;
+    auto* m = meta.data_ptr<double>();
+    m[0] = static_cast<double>(batch);
+    m[1] = loss.item<double>() * weight;
     for (size_t k = 0; k < parameters.size(); ++k) {
-      if (parameters[k].grad().defined()) {
-        meta[2 + static_cast<int64_t>(k)] = 1.0;
-      }
-      by_dtype[parameters[k].scalar_type()].push_back(k);
+      m[2 + k] = parameters[k].grad().defined() ? 1.0 : 0.0;
     }
     meta = meta.to(on_);
     allreduce(meta, "the batch sizes and losses");
     meta = meta.to(torch::kCPU);
-    const double total = meta[0].item<double>();
-    for (const auto& [dtype, slots] : by_dtype) {
-      std::vector<torch::Tensor> flat;
-      for (const size_t k : slots) {
-        const auto& grad = parameters[k].grad();
-        flat.push_back(
-            grad.defined()
-                ? grad.reshape({-1}).to(on_)
-                : torch::zeros(
-                      {parameters[k].numel()},
-                      torch::TensorOptions().dtype(dtype).device(on_)));
-      }
-      auto bucket = torch::cat(flat);
+    m = meta.data_ptr<double>();
+    const double total = m[0];
+    buckets_.check_unchanged();
+    for (auto& bucket : buckets_.buckets()) {
+      board_.wait_for(bucket.work, failed_while("summing the gradients"));
       if (mean) {
-        bucket.mul_(weight);
-      }
-      allreduce(bucket, "the gradients");
-      if (mean) {
-        bucket.div_(total);
+        bucket.flat.div_(total);
       }
       int64_t at = 0;
-      for (const size_t k : slots) {
+      for (const size_t k : bucket.slots) {
         const auto& parameter = parameters[k];
         const int64_t numel = parameter.numel();
-        auto grad = bucket.narrow(0, at, numel)
+        auto grad = bucket.flat.narrow(0, at, numel)
                         .view(parameter.sizes())
                         .to(parameter.device());
         at += numel;
-        const bool any = meta[2 + static_cast<int64_t>(k)].item<double>() > 0;
+        const bool any = m[2 + k] > 0;
         auto& previous = earlier[k];
         auto& slot = parameter.mutable_grad();
         if (previous.defined()) {
@@ -138,20 +156,26 @@ class ReplicaGroup {
           slot = any ? grad.clone() : torch::Tensor();
         }
       }
+      bucket.flat = torch::Tensor();
+      bucket.work.reset();
     }
     auto global = torch::empty({1}, torch::kFloat64);
-    global[0] = mean ? meta[1].item<double>() / total : meta[1].item<double>();
+    global[0] = mean ? m[1] / total : m[1];
     return global;
   }
 
  private:
+  std::string failed_while(const char* what) const {
+    return "a replica of " + who_ + " failed, exited or timed out while " +
+        what + " across replicas";
+  }
+
   void allreduce(torch::Tensor& tensor, const char* what) {
     board_.sum_over(
         *group_,
         tensor,
         world_->timeout(),
-        "a replica of " + who_ + " failed, exited or timed out while summing " +
-            what + " across replicas");
+        failed_while((std::string("summing ") + what).c_str()));
   }
 
   c10::intrusive_ptr<c10d::Backend> group_;
@@ -159,6 +183,7 @@ class ReplicaGroup {
   FailureBoard& board_;
   torch::Device on_;
   std::string who_;
+  ReplicaBuckets buckets_;
 };
 
 } // namespace gpipe::distributed::detail

@@ -1,10 +1,12 @@
-// What a step across processes sums after its drain, in order: the tied
+// What a step across processes sums as its drain ends, in order: the tied
 // copies' gradients over their owners (ties.h), then every gradient, and
-// the loss, over the stage's replicas (replicas.h). Both sum this step's
+// the loss, over the stage's replicas (replicas.h; their buckets start
+// during the rank's last backward: replica_buckets.h). Both sum this step's
 // gradient alone: `.grad` that earlier steps accumulated (already summed
 // then) is set aside while the step runs and added back after.
 #pragma once
 
+#include <gpipe/detail/pipe_call.h>
 #include <gpipe/distributed/replicas.h>
 #include <gpipe/distributed/ties.h>
 #include <gpipe/options.h>
@@ -29,17 +31,39 @@ class StepSums {
     return *ties_;
   }
 
-  /// Sets the earlier steps' `.grad` of `parameters` aside, where there is
-  /// something to sum.
-  void begin(const std::vector<torch::Tensor>& parameters) {
+  /// Sets the earlier steps' `.grad` of the call's parameters aside, where
+  /// there is something to sum, and lays out the replicas' buckets; returns
+  /// what the runner tells of its last weight-gradient op (Note [Replica
+  /// sums overlap the drain]), or null without replicas.
+  gpipe::detail::LastWeightsWatch* begin(
+      const gpipe::detail::PipeCall& call,
+      int64_t batch,
+      Reduction reduction) {
     earlier_.clear();
     if (!replicas_ && !ties_->any_here()) {
-      return;
+      return nullptr;
     }
+    const auto& parameters = call.parameters;
     for (const auto& parameter : parameters) {
       earlier_.push_back(parameter.grad());
       parameter.mutable_grad().reset();
     }
+    if (!replicas_) {
+      return nullptr;
+    }
+    return &replicas_->begin(
+        parameters,
+        [&](size_t k) {
+          return call.hooked[k] != 0 || ties_->holds(parameters[k]);
+        },
+        batch,
+        reduction);
+  }
+
+  /// When the last step's replica sums started (all zero without
+  /// replicas).
+  ReplicaSums replica_sums() const {
+    return replicas_ ? replicas_->last_sums() : ReplicaSums();
   }
 
   /// Sums the tied copies' gradients: before the loss goes out, so that a

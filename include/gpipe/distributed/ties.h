@@ -197,6 +197,7 @@ class Ties {
       for (const size_t k : members) {
         owners.ties.push_back(k);
         owners.copies.push_back(found[k].tensor);
+        held_.insert(found[k].tensor.unsafeGetTensorImpl());
         if (positions.front() != position) {
           uncounted_.insert(found[k].tensor.unsafeGetTensorImpl());
         }
@@ -213,6 +214,11 @@ class Ties {
   /// Whether this rank owns a copy that it shares with another rank.
   bool any_here() const {
     return !owners_.empty();
+  }
+
+  /// Whether `parameter` is a copy this rank shares with another rank.
+  bool holds(const torch::Tensor& parameter) const {
+    return held_.count(parameter.unsafeGetTensorImpl()) > 0;
   }
 
   /// Those of `parameters` this rank counts in whole-pipe sums: a tied
@@ -324,6 +330,7 @@ class Ties {
   std::vector<Owners> owners_;
   int64_t checks_ = 0; // steps checked, the same count on every owner
   std::set<const c10::TensorImpl*> uncounted_;
+  std::set<const c10::TensorImpl*> held_;
 };
 
 } // namespace detail
