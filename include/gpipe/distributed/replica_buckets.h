@@ -47,6 +47,7 @@ namespace gpipe::distributed {
 /// When a step's sums over the replicas started, in buckets (Note [Replica
 /// sums overlap the drain]).
 struct ReplicaSums {
+  /// Buckets summed, each once.
   int64_t buckets = 0;
   /// While this rank's last backward of the step ran.
   int64_t during_backward = 0;
