@@ -84,6 +84,42 @@ struct Checks {
   }
 };
 
+/// make_tied_model's 8 layers built stage by stage, each stage from a model
+/// of its own, so the head's embedding is a copy (perturbed here) that
+/// `options` gets a tie declared for (unless `declare` is false).
+gd::DistributedGPipe built_stage_by_stage(
+    const std::shared_ptr<gd::World>& world,
+    gd::DistributedOptions options,
+    bool declare = true) {
+  const int64_t n = options.stages() * options.stages_per_rank();
+  const auto balance = gpipe::detail::resolve_balance(8, n, {});
+  if (declare) {
+    options.tie(
+        {"stage0.0.weight",
+         "stage" + std::to_string(n - 1) + ".7.embedding.weight"});
+  }
+  return gd::DistributedGPipe(
+      world,
+      [&](int64_t s) {
+        auto whole = make_tied_model();
+        int64_t first = 0;
+        for (int64_t k = 0; k < s; ++k) {
+          first += balance[static_cast<size_t>(k)];
+        }
+        torch::nn::Sequential stage;
+        for (int64_t l = first; l < first + balance[static_cast<size_t>(s)];
+             ++l) {
+          stage->push_back(std::to_string(l), whole->begin()[l]);
+        }
+        if (s == n - 1) {
+          torch::NoGradGuard no_grad;
+          stage->named_parameters()["7.embedding.weight"].add_(1.0);
+        }
+        return stage;
+      },
+      options);
+}
+
 /// A tied embedding and head, clipped, 3 SGD-with-momentum steps on every
 /// schedule (and checkpoint mode): gradients, norms and weights equal
 /// plain training's; both copies of the tie match plain every step.
@@ -92,6 +128,9 @@ int tied_clipped(const std::shared_ptr<gd::World>& world) {
   const int64_t stages = arg(args, "stages", world->size());
   const int64_t replicas = world->size() / stages;
   const bool all_modes = arg(args, "all_modes", 0) != 0;
+  // Built stage by stage, the tie declared: each stage a model of its own,
+  // the head's copy perturbed (the copies take the embedding's value).
+  const bool builder = arg(args, "builder", 0) != 0;
   Checks check;
   std::vector<Schedule> schedules(
       std::begin(gpipe::kEverySchedule), std::end(gpipe::kEverySchedule));
@@ -105,19 +144,19 @@ int tied_clipped(const std::shared_ptr<gd::World>& world) {
       const std::string what = std::string(gpipe::to_string(schedule)) + ", " +
           gpipe::to_string(mode);
       auto plain = make_tied_model();
-      auto pipe = gd::DistributedGPipe(
-          world,
-          make_tied_model(),
-          gd::DistributedOptions(stages)
-              .microbatches(3)
-              .schedule(schedule)
-              .checkpoint(mode)
-              .stages_per_rank(gpipe::stages_per_lane(schedule)));
+      auto options = gd::DistributedOptions(stages)
+                         .microbatches(3)
+                         .schedule(schedule)
+                         .checkpoint(mode)
+                         .stages_per_rank(gpipe::stages_per_lane(schedule));
+      auto pipe = builder
+          ? built_stage_by_stage(world, options)
+          : gd::DistributedGPipe(world, make_tied_model(), options);
       const int64_t positions_of_tie =
           pipe->ties().empty() ? 1 : pipe->ties().front().positions.size();
       check.equal(
           static_cast<double>(pipe->ties().size()),
-          positions_of_tie > 1 ? 1.0 : 0.0,
+          builder || positions_of_tie > 1 ? 1.0 : 0.0,
           what + ": ties found");
       const auto plain_parameters = gpipe::unique_parameters(*plain);
       const auto pipe_parameters = gpipe::unique_parameters(*pipe);
@@ -171,16 +210,24 @@ int tied_clipped(const std::shared_ptr<gd::World>& world) {
 /// A tied copy changed on one rank between steps: the next step is a
 /// gpipe: error on every rank, naming the tie.
 int tied_drift(const std::shared_ptr<gd::World>& world) {
-  auto pipe = gd::DistributedGPipe(
-      world,
-      make_tied_model(),
-      gd::DistributedOptions(world->size()).microbatches(2));
+  const auto args = mp::arguments();
+  // Built stage by stage on a V schedule: the first rank holds both copies.
+  const bool builder = arg(args, "builder", 0) != 0;
+  const auto options = gd::DistributedOptions(world->size()).microbatches(2);
+  auto pipe = builder ? built_stage_by_stage(
+                            world,
+                            gd::DistributedOptions(options)
+                                .schedule(Schedule::ZeroBubbleV)
+                                .stages_per_rank(2))
+                      : gd::DistributedGPipe(world, make_tied_model(), options);
   torch::manual_seed(13);
   std::string error = "none";
   for (int step = 0; step < 4 && error == "none"; ++step) {
     if (step == 1 && pipe->is_first()) {
       torch::NoGradGuard no_grad;
-      pipe->named_parameters()["0.weight"].add_(1e-3);
+      pipe->named_parameters()
+          [builder ? "stage3.7.embedding.weight" : "0.weight"]
+              .add_(1e-3);
     }
     try {
       pipe->step(
@@ -196,6 +243,52 @@ int tied_drift(const std::shared_ptr<gd::World>& world) {
     }
   }
   std::cout << "RESULT error=" << error << std::endl;
+  return 0;
+}
+
+/// Bad tie declarations: each the same gpipe: error on every rank, at
+/// construction.
+int declared_tie_errors(const std::shared_ptr<gd::World>& world) {
+  const auto options = gd::DistributedOptions(world->size()).microbatches(2);
+  using Names = std::vector<std::string>;
+  const std::vector<std::pair<bool, Names>> cases = {
+      {true, {"stage0.0.weight"}},
+      {true,
+       {"stage0.0.weight", "stage1.7.embedding.weight", "stage0.0.weight"}},
+      {true, {"stage0.0.weight", "stage1.9.weight"}},
+      {true, {"stage0.0.weight", "stage0.1.weight"}},
+      {false, {"0.weight", "7.embedding.weight"}},
+      {false, {"0.weight", "1.embedding.weight"}},
+  };
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const auto& [builder, names] = cases[c];
+    std::string error = "none";
+    try {
+      if (c == 5) {
+        // The head right after its embedding, on one stage: one tensor.
+        torch::nn::Embedding embedding(kVocabulary, kWidth);
+        torch::nn::Sequential model(
+            embedding,
+            gpipe_test::TiedHead(embedding),
+            torch::nn::Linear(kVocabulary, kVocabulary),
+            torch::nn::Linear(kVocabulary, kVocabulary));
+        gd::DistributedGPipe(
+            world, model, gd::DistributedOptions(options).tie(names));
+      } else if (builder) {
+        auto declared = gd::DistributedOptions(options).tie(names);
+        built_stage_by_stage(world, declared, /*declare=*/false);
+      } else {
+        gd::DistributedGPipe(
+            world,
+            make_tied_model(),
+            gd::DistributedOptions(options).tie(names));
+      }
+    } catch (const c10::Error& e) {
+      error = e.what_without_backtrace();
+    }
+    std::cout << "RESULT case" << c << "=" << error.substr(0, error.find('\n'))
+              << std::endl;
+  }
   return 0;
 }
 
@@ -425,6 +518,9 @@ int run_gradients_scenario(
   if (scenario == "tied_drift") {
     return tied_drift(world);
   }
+  if (scenario == "declared_tie_errors") {
+    return declared_tie_errors(world);
+  }
   if (scenario == "scaled") {
     return scaled(world);
   }
@@ -456,6 +552,56 @@ TEST(
     DistributedGradients,
     TiesAndClippingWithTwoReplicasOfTwoStagesTrainLikePlainOnTheGlobalBatch) {
   expect_all_succeeded(mp::run({"tied_clipped", "stages=2", /*world=*/4}));
+}
+
+TEST(
+    DistributedGradients,
+    DeclaredTiesOfAPipeBuiltStageByStageTrainLikePlainClippedOnEverySchedule) {
+  // Two ranks: the V schedules hold both copies on the first rank.
+  expect_all_succeeded(
+      mp::run({"tied_clipped", "stages=2,builder=1", /*world=*/2}));
+  // Two replicas of two stages.
+  expect_all_succeeded(
+      mp::run({"tied_clipped", "stages=2,builder=1", /*world=*/4}));
+}
+
+TEST(DistributedGradients, BadTieDeclarationsAreTheSameErrorOnEveryRank) {
+  const std::vector<std::string> expected = {
+      "needs at least two names, got [stage0.0.weight]",
+      "names \"stage0.0.weight\" twice",
+      "names \"stage1.9.weight\", which no stage of the pipe holds (a pipe "
+      "built stage by stage",
+      "names \"stage0.0.weight\" (shape [11, 6], Double) and "
+      "\"stage0.1.weight\" (shape [6, 6], Double): the copies of a tie need "
+      "one shape",
+      "names \"0.weight\", which the pipe ties already",
+      "names \"1.embedding.weight\" and another name of the same tensor",
+  };
+  for (const auto& outcome :
+       mp::run({"declared_tie_errors", "", /*world=*/2})) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    for (size_t c = 0; c < expected.size(); ++c) {
+      const auto error = outcome.result("case" + std::to_string(c));
+      EXPECT_EQ(error.rfind("gpipe: DistributedOptions::tie ", 0), 0u)
+          << outcome;
+      EXPECT_NE(error.find(expected[c]), std::string::npos)
+          << "case " << c << ": " << error;
+    }
+  }
+}
+
+TEST(
+    DistributedGradients,
+    ADeclaredCopyModifiedBehindThePipesBackFailsEveryRank) {
+  const auto outcomes = mp::run({"tied_drift", "builder=1", /*world=*/2});
+  for (const auto& outcome : outcomes) {
+    EXPECT_TRUE(outcome.succeeded()) << outcome;
+    EXPECT_NE(
+        outcome.result("error").find("tied parameter \"stage0.0.weight\""),
+        std::string::npos)
+        << outcome;
+    EXPECT_EQ(outcome.result("step"), "1") << outcome;
+  }
 }
 
 TEST(DistributedGradients, ATiedCopyModifiedBehindThePipesBackFailsEveryRank) {

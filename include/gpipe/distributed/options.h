@@ -96,24 +96,44 @@ struct DistributedOptions {
   /// drain]). That pays only where a rank has a core to spare for the sums:
   /// with 4 ranks on 2 cores, 1 MiB buckets made a step 1-9% slower.
   TORCH_ARG(int64_t, replica_bucket_bytes) = 0;
+  /// Parameters that train as one tensor though each stage holds its own
+  /// copy (a head tied to the embedding in a pipe built stage by stage),
+  /// named as the pipe names them (`named_parameters()`:
+  /// "stage<s>.<name in the stage>" when built stage by stage, else the
+  /// Sequential's). The copies take the first name's value when the pipe
+  /// is built and are summed and watched like the ties the pipe finds
+  /// (Note [Ties are found, and watched]); `ties()` lists them.
+  TORCH_ARG(std::vector<std::vector<std::string>>, ties) = {};
+
+ public:
+  /// Declares one tie, e.g. `tie({"stage0.0.weight",
+  /// "stage3.7.embedding.weight"})`.
+  DistributedOptions& tie(std::vector<std::string> names) {
+    ties_.push_back(std::move(names));
+    return *this;
+  }
 };
 
 inline std::ostream& operator<<(
     std::ostream& stream,
     const DistributedOptions& options) {
-  return stream << "stages=" << options.stages()
-                << ", stages_per_rank=" << options.stages_per_rank()
-                << ", microbatches=" << options.microbatches()
-                << ", schedule=" << options.schedule()
-                << ", checkpoint=" << options.checkpoint()
-                << ", loss_reduction=" << to_string(options.loss_reduction())
-                << ", balance=[" << c10::Join(", ", options.balance()) << "]"
-                << ", agree_shapes_every_step="
-                << options.agree_shapes_every_step()
-                << ", backend=" << options.backend()
-                << ", match_by_order=" << options.match_by_order()
-                << ", activation_limit=" << options.activation_limit()
-                << ", replica_bucket_bytes=" << options.replica_bucket_bytes()
+  stream << "stages=" << options.stages()
+         << ", stages_per_rank=" << options.stages_per_rank()
+         << ", microbatches=" << options.microbatches()
+         << ", schedule=" << options.schedule()
+         << ", checkpoint=" << options.checkpoint()
+         << ", loss_reduction=" << to_string(options.loss_reduction())
+         << ", balance=[" << c10::Join(", ", options.balance()) << "]"
+         << ", agree_shapes_every_step=" << options.agree_shapes_every_step()
+         << ", backend=" << options.backend()
+         << ", match_by_order=" << options.match_by_order()
+         << ", activation_limit=" << options.activation_limit()
+         << ", replica_bucket_bytes=" << options.replica_bucket_bytes()
+         << ", ties=[";
+  for (const auto& names : options.ties()) {
+    stream << "[" << c10::Join(", ", names) << "]";
+  }
+  return stream << "]"
                 << ", program="
                 << (options.program()
                         ? "\n" + format_program(*options.program())

@@ -32,6 +32,7 @@
 #include <gpipe/detail/step_runner.h>
 #include <gpipe/distributed/agreement.h>
 #include <gpipe/distributed/auto_schedule.h>
+#include <gpipe/distributed/declared_ties.h>
 #include <gpipe/distributed/failure.h>
 #include <gpipe/distributed/options.h>
 #include <gpipe/distributed/placement.h>
@@ -128,7 +129,8 @@ class DistributedGPipeImpl : public torch::nn::Module {
     finish_construction(
         std::move(mine),
         detail::stages_fingerprint(parts),
-        detail::find_ties(parts, placement_));
+        detail::find_ties(parts, placement_),
+        /*built_by_stage=*/false);
   }
 
   /// From a builder called with this rank's stage indices only, so no rank
@@ -162,7 +164,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
       mine[static_cast<size_t>(s)] = stage;
       register_module("stage" + std::to_string(s), stage);
     }
-    finish_construction(std::move(mine), "", {});
+    finish_construction(std::move(mine), "", {}, /*built_by_stage=*/true);
   }
 
   /// Forward and backward of this rank's share of one step, on every rank
@@ -310,12 +312,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
   void finish_construction(
       std::vector<torch::nn::Sequential> mine,
       const std::string& whole_model,
-      std::vector<detail::FoundTie> ties) {
+      std::vector<detail::FoundTie> ties,
+      bool built_by_stage) {
     const std::string prefix = world_->next_pipe_prefix();
     board_ = std::make_unique<detail::FailureBoard>(world_->store(), prefix);
     to(options.device());
     detail::check_same_everywhere(
         *world_, prefix, options, whole_model, mine, placement_);
+    detail::add_declared_ties(
+        ties, *world_, prefix, placement_, options, mine, built_by_stage);
     stages_.host(
         std::move(mine),
         std::vector<torch::Device>(static_cast<size_t>(n_), options.device()),
@@ -388,20 +393,14 @@ class DistributedGPipeImpl : public torch::nn::Module {
     const int64_t last_rank = placement_.rank_of_stage.back();
     // The batch: known to the first stage, told to the others.
     std::vector<gpipe::detail::Bundle> inputs;
-    detail::StepHeader header;
-    if (is_first()) {
-      gpipe::detail::check_bundle(input, "input");
-      inputs = gpipe::detail::scatter_bundle(
-          input, std::min(options.microbatches(), input.front().size(0)));
-      header = detail::StepHeader::of(input, inputs.size(), is_list);
-      detail::tell_the_pipeline(
-          transport, placement_, header.message(), kBatch);
-    } else {
-      auto message = detail::StepHeader().message();
-      transport.messages().recv_control(
-          message, first_rank, kBatch, "the batch size of this step");
-      header = detail::StepHeader::from(message);
-    }
+    const auto header = detail::agree_step_header(
+        transport,
+        placement_,
+        input,
+        is_list,
+        options.microbatches(),
+        inputs,
+        kBatch);
     const int64_t batch = header.batch;
     const int64_t m = header.microbatches;
     std::vector<torch::Tensor> targets;

@@ -6,10 +6,13 @@
 
 #include <gpipe/detail/bundle.h>
 #include <gpipe/detail/microbatch.h>
+#include <gpipe/distributed/placement.h>
+#include <gpipe/distributed/transport.h>
 
 #include <c10/util/Exception.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <sstream>
@@ -84,5 +87,33 @@ struct StepHeader {
     return torch::tensor_split(target, microbatches, /*dim=*/0);
   }
 };
+
+/// This step's header, as the first stage's rank makes it from the batch
+/// (cutting `input` into at most `microbatches` `inputs`) and tells the
+/// rest of the pipeline under control message `kind`.
+inline StepHeader agree_step_header(
+    ProcessGroupTransport& transport,
+    const RankPlacement& placement,
+    const gpipe::detail::Bundle& input,
+    bool is_list,
+    int64_t microbatches,
+    std::vector<gpipe::detail::Bundle>& inputs,
+    int64_t kind) {
+  if (placement.my_stages.front() == 0) {
+    gpipe::detail::check_bundle(input, "input");
+    inputs = gpipe::detail::scatter_bundle(
+        input, std::min(microbatches, input.front().size(0)));
+    auto header = StepHeader::of(input, inputs.size(), is_list);
+    tell_the_pipeline(transport, placement, header.message(), kind);
+    return header;
+  }
+  auto message = StepHeader().message();
+  transport.messages().recv_control(
+      message,
+      placement.rank_of_stage.front(),
+      kind,
+      "the batch size of this step");
+  return StepHeader::from(message);
+}
 
 } // namespace gpipe::distributed::detail

@@ -15,7 +15,12 @@
 // registered parameters the cut stages share, by tensor identity: no rank
 // needs to be told. A weight captured inside a lambda is not registered and
 // cannot be seen; register it (a head module that holds the embedding as a
-// submodule). Each step the owners compare a fingerprint of their copies'
+// submodule). A pipe built stage by stage cannot see its ties (each stage is
+// built apart): DistributedOptions::tie declares them by name, and their
+// copies take the first name's value when the pipe is built
+// (declared_ties.h); a rank that holds several copies (the V schedules
+// place the first and the last stage on one rank) sums them before the
+// owners do. Each step the owners compare a fingerprint of their copies'
 // bits (two wrapping integer sums, exact in any order) before summing the
 // gradients: a copy modified behind the pipe's back is a `gpipe:` error on
 // every owner, which fails the step everywhere, instead of silent drift.
@@ -62,11 +67,15 @@ struct TiedParameter {
 
 namespace detail {
 
-/// A tie as found, with the tensor that is every stage's copy in this
-/// process (the whole model is built on every rank).
+/// A tie as found or declared, with this rank's copies of it: one tensor
+/// for a tie found (the whole model is built on every rank), one per name
+/// on this rank's stages for a declared tie (declared_ties.h).
 struct FoundTie {
   TiedParameter tie;
-  torch::Tensor tensor;
+  std::vector<torch::Tensor> copies;
+  /// Declared: the position whose copy (the first name's) every copy takes
+  /// when the pipe is built; -1: found, the copies are one tensor already.
+  int64_t source = -1;
 };
 
 /// The registered parameters of the whole model cut into `parts` that
@@ -83,7 +92,7 @@ inline std::vector<FoundTie> find_ties(
       const auto* key = named.value().unsafeGetTensorImpl();
       const auto at = index.emplace(key, found.size());
       if (at.second) {
-        found.push_back({{named.key(), {}, {}}, named.value()});
+        found.push_back({{named.key(), {}, {}}, {named.value()}, -1});
       }
       auto& tie = found[at.first->second].tie;
       if (tie.stages.empty() || tie.stages.back() != static_cast<int64_t>(s)) {
@@ -189,17 +198,25 @@ class Ties {
       for (const int64_t p : positions) {
         owners.ranks.push_back(placement.replica * placement.stages + p);
       }
-      const std::string name = prefix + "tie_" + c10::Join("_", positions) +
-          "_replica" + std::to_string(placement.replica);
-      owners.group = placement.nccl
-          ? world->new_nccl_group(name, owners.ranks, options.device())
-          : world->new_group(name, owners.ranks);
+      if (positions.size() > 1) { // else every copy is on this rank
+        const std::string name = prefix + "tie_" + c10::Join("_", positions) +
+            "_replica" + std::to_string(placement.replica);
+        owners.group = placement.nccl
+            ? world->new_nccl_group(name, owners.ranks, options.device())
+            : world->new_group(name, owners.ranks);
+      }
       for (const size_t k : members) {
+        const auto& copies = found[k].copies;
         owners.ties.push_back(k);
-        owners.copies.push_back(found[k].tensor);
-        held_.insert(found[k].tensor.unsafeGetTensorImpl());
-        if (positions.front() != position) {
-          uncounted_.insert(found[k].tensor.unsafeGetTensorImpl());
+        owners.copies.push_back(copies);
+        for (size_t c = 0; c < copies.size(); ++c) {
+          held_.insert(copies[c].unsafeGetTensorImpl());
+          if (c > 0 || positions.front() != position) {
+            uncounted_.insert(copies[c].unsafeGetTensorImpl());
+          }
+        }
+        if (found[k].source >= 0) {
+          take_the_first_value(owners, found[k], position, positions);
         }
       }
       owners_.push_back(std::move(owners));
@@ -240,65 +257,81 @@ class Ties {
     torch::NoGradGuard no_grad;
     for (auto& owners : owners_) {
       const auto n = static_cast<int64_t>(owners.copies.size());
-      // Per copy: [f1, f1^2, f2, f2^2, has a gradient].
+      // Per tie: [f1, f1^2, f2, f2^2, has a gradient] of this rank's first
+      // copy (its other copies must match it).
       auto meta = torch::zeros({5 * n}, torch::kFloat64);
       auto* m = meta.data_ptr<double>();
       for (int64_t k = 0; k < n; ++k) {
-        const auto& copy = owners.copies[static_cast<size_t>(k)];
-        const auto [f1, f2] = bits_fingerprint(copy, checks_);
+        const auto& copies = owners.copies[static_cast<size_t>(k)];
+        const auto [f1, f2] = bits_fingerprint(copies.front(), checks_);
+        bool same_here = true;
+        bool has_grad = false;
+        for (const auto& copy : copies) {
+          same_here = same_here &&
+              bits_fingerprint(copy, checks_) == std::make_pair(f1, f2);
+          has_grad = has_grad || copy.grad().defined();
+        }
+        check_same(owners, k, same_here);
         m[5 * k] = f1;
         m[5 * k + 1] = f1 * f1;
         m[5 * k + 2] = f2;
         m[5 * k + 3] = f2 * f2;
-        m[5 * k + 4] = copy.grad().defined() ? 1.0 : 0.0;
+        m[5 * k + 4] = has_grad ? 1.0 : 0.0;
       }
-      allreduce(owners, meta, "the fingerprints of the tied copies");
-      meta = meta.to(torch::kCPU);
-      m = meta.data_ptr<double>();
+      if (owners.group) {
+        allreduce(owners, meta, "the fingerprints of the tied copies");
+        meta = meta.to(torch::kCPU);
+        m = meta.data_ptr<double>();
+      }
       const auto size = static_cast<double>(owners.ranks.size());
       for (int64_t k = 0; k < n; ++k) {
         // All equal exactly when size * sum(f^2) == sum(f)^2.
-        const bool same = size * m[5 * k + 1] == m[5 * k] * m[5 * k] &&
-            size * m[5 * k + 3] == m[5 * k + 2] * m[5 * k + 2];
-        const auto& tie = ties_[owners.ties[static_cast<size_t>(k)]];
-        TORCH_CHECK(
-            same,
-            "gpipe: the copies of tied parameter \"",
-            tie.name,
-            "\" (stages ",
-            c10::Join(", ", tie.stages),
-            ") on ranks ",
-            c10::Join(", ", owners.ranks),
-            " differ: one was modified behind the pipe's back (step every "
-            "copy with the same optimizer, on every owner rank)");
+        check_same(
+            owners,
+            k,
+            size * m[5 * k + 1] == m[5 * k] * m[5 * k] &&
+                size * m[5 * k + 3] == m[5 * k + 2] * m[5 * k + 2]);
       }
       std::map<c10::ScalarType, std::vector<int64_t>> by_dtype;
       for (int64_t k = 0; k < n; ++k) {
-        by_dtype[owners.copies[static_cast<size_t>(k)].scalar_type()].push_back(
-            k);
+        by_dtype[owners.copies[static_cast<size_t>(k)].front().scalar_type()]
+            .push_back(k);
       }
       for (const auto& [dtype, slots] : by_dtype) {
         std::vector<torch::Tensor> flat;
         for (const int64_t k : slots) {
-          const auto& copy = owners.copies[static_cast<size_t>(k)];
+          // This rank's copies summed in copy order.
+          torch::Tensor sum;
+          for (const auto& copy : owners.copies[static_cast<size_t>(k)]) {
+            if (copy.grad().defined()) {
+              auto grad = copy.grad().reshape({-1}).to(on_);
+              sum = sum.defined() ? sum + grad : grad;
+            }
+          }
+          const auto& first = owners.copies[static_cast<size_t>(k)].front();
           flat.push_back(
-              copy.grad().defined()
-                  ? copy.grad().reshape({-1}).to(on_)
+              sum.defined()
+                  ? sum
                   : torch::zeros(
-                        {copy.numel()},
+                        {first.numel()},
                         torch::TensorOptions().dtype(dtype).device(on_)));
         }
         auto bucket = torch::cat(flat);
-        allreduce(owners, bucket, "the gradients of the tied copies");
+        if (owners.group) {
+          allreduce(owners, bucket, "the gradients of the tied copies");
+        }
         int64_t at = 0;
         for (const int64_t k : slots) {
-          const auto& copy = owners.copies[static_cast<size_t>(k)];
-          auto summed = bucket.narrow(0, at, copy.numel())
-                            .view(copy.sizes())
-                            .to(copy.device());
-          at += copy.numel();
-          copy.mutable_grad() =
-              m[5 * k + 4] > 0 ? summed.clone() : torch::Tensor();
+          const auto& copies = owners.copies[static_cast<size_t>(k)];
+          const auto& first = copies.front();
+          auto summed = bucket.narrow(0, at, first.numel())
+                            .view(first.sizes())
+                            .to(first.device());
+          at += first.numel();
+          for (const auto& copy : copies) {
+            copy.mutable_grad() =
+                m[5 * k + 4] > 0 ? summed.clone() : torch::Tensor();
+          }
         }
       }
     }
@@ -308,10 +341,55 @@ class Ties {
  private:
   struct Owners {
     std::vector<int64_t> ranks;
-    c10::intrusive_ptr<c10d::Backend> group;
+    c10::intrusive_ptr<c10d::Backend> group; // null: one rank owns all
     std::vector<size_t> ties; // indices into ties_
-    std::vector<torch::Tensor> copies; // this rank's, in the same order
+    std::vector<std::vector<torch::Tensor>> copies; // this rank's, per tie
   };
+
+  /// Throws unless `same`: the copies of owners' k-th tie are equal.
+  void check_same(const Owners& owners, int64_t k, bool same) const {
+    const auto& tie = ties_[owners.ties[static_cast<size_t>(k)]];
+    TORCH_CHECK(
+        same,
+        "gpipe: the copies of tied parameter \"",
+        tie.name,
+        "\" (stages ",
+        c10::Join(", ", tie.stages),
+        ") on ranks ",
+        c10::Join(", ", owners.ranks),
+        " differ: one was modified behind the pipe's back (step every "
+        "copy with the same optimizer, on every owner rank)");
+  }
+
+  /// A declared tie's copies take its first name's value (held at the
+  /// tie's source position), on every owner.
+  void take_the_first_value(
+      Owners& owners,
+      const FoundTie& tie,
+      int64_t position,
+      const std::vector<int64_t>& positions) {
+    torch::NoGradGuard no_grad;
+    const auto& copies = tie.copies;
+    auto value = position == tie.source
+        ? copies.front().detach().to(on_).clone()
+        : torch::empty_like(
+              copies.front(), copies.front().options().device(on_));
+    if (owners.group) {
+      std::vector<torch::Tensor> tensors{value};
+      c10d::BroadcastOptions from;
+      from.rootRank = static_cast<int64_t>(
+          std::find(positions.begin(), positions.end(), tie.source) -
+          positions.begin());
+      from.timeout = world_->timeout();
+      board_.wait_for(
+          owners.group->broadcast(tensors, from),
+          "an owner of tied parameter \"" + tie.tie.name +
+              "\" failed, exited or timed out while the copies took its value");
+    }
+    for (const auto& copy : copies) {
+      copy.copy_(value);
+    }
+  }
 
   void allreduce(Owners& owners, torch::Tensor& tensor, const char* what) {
     board_.sum_over(
