@@ -128,5 +128,15 @@ if(GPIPE_HEADER_CHECK)
       CXX_STANDARD ${std} CXX_STANDARD_REQUIRED ON CXX_EXTENSIONS OFF)
     gpipe_target_warnings(gpipe_header_check_distributed)
     add_dependencies(header_check gpipe_header_check_distributed)
+    # The same as a build without NCCL sees them (LibTorch without
+    # USE_C10D_NCCL, or no nccl.h): their other branches compile
+    # warning-clean too (an unused variable there once escaped -Werror).
+    add_library(gpipe_header_check_distributed_without_nccl OBJECT "${cpp}")
+    target_link_libraries(gpipe_header_check_distributed_without_nccl PRIVATE gpipe::distributed)
+    set_target_properties(gpipe_header_check_distributed_without_nccl PROPERTIES
+      CXX_STANDARD ${std} CXX_STANDARD_REQUIRED ON CXX_EXTENSIONS OFF)
+    target_compile_options(gpipe_header_check_distributed_without_nccl PRIVATE -UUSE_C10D_NCCL)
+    gpipe_target_warnings(gpipe_header_check_distributed_without_nccl)
+    add_dependencies(header_check gpipe_header_check_distributed_without_nccl)
   endif()
 endif()

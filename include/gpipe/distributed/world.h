@@ -232,7 +232,8 @@ class World {
       const std::string& name,
       const std::vector<int64_t>& ranks,
       const torch::Device& device) const {
-    const int64_t index = index_in(name, ranks);
+    // Checks this rank is among `ranks` with or without NCCL.
+    [[maybe_unused]] const int64_t index = index_in(name, ranks);
 #if GPIPE_HAS_NCCL
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = timeout();
