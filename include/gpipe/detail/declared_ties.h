@@ -41,7 +41,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -192,17 +191,6 @@ class DeclaredTies {
       }
     }
     return counted;
-  }
-
-  /// The declared ties, by name, as GPipeOptions::tie took them.
-  std::vector<std::vector<std::string>> names() const {
-    std::vector<std::vector<std::string>> names;
-    if (!empty()) {
-      for (const auto& tie : state_->ties) {
-        names.push_back(tie.names);
-      }
-    }
-    return names;
   }
 
  private:
