@@ -8,8 +8,10 @@ per process on 4 CPU processes over Gloo/loopback, and tabulates step time
 and peak RSS side by side.
 
 The gpipe side is a C++ program (--gpipe-binary) and the PyTorch side is
-pipelining_peer.py next to this file. gpipe runs twice: as it ships on Gloo
-(messages matched by tag), and with --match-by-order 1 (messages matched by
+pipelining_peer.py next to this file. gpipe runs three times: as it ships
+(on CPUs its messages go over the pipe's own sockets, one write per
+message), over Gloo (--backend gloo: a rendezvous of three writes per
+message, as before), and with --match-by-order 1 (over Gloo, matched by
 order in coalesced batches, the rules its NCCL path follows), so the table
 also shows what NCCL's ordering costs on Gloo. All take the same flags
 
@@ -43,8 +45,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "pipelining_peer.py")
 NPROC = 4
-IMPLS = ("gpipe", "gpipe_by_order", "pipelining")
-GPIPE_FLAGS = {"gpipe": [], "gpipe_by_order": ["--match-by-order", "1"]}
+IMPLS = ("gpipe", "gpipe_gloo", "gpipe_by_order", "pipelining")
+GPIPE_FLAGS = {
+    "gpipe": [],
+    "gpipe_gloo": ["--backend", "gloo"],
+    "gpipe_by_order": ["--match-by-order", "1"],
+}
 SCHEDULES = ("gpipe", "1f1b")
 
 # The small model is all per-step overhead (messages, scheduling, Python);
@@ -265,8 +271,9 @@ def run_all(args, env, steps_table, rows, raw, floors):
         steps, warmup = steps_table[name]
         for schedule in SCHEDULES:
             best = {impl: None for impl in args.impls}  # min step_ms_median
-            floor = None  # min over gpipe launches of latency x messages
-            busy_floor = None  # the same with every rank messaging
+            # Per gpipe transport: min over launches of latency x messages,
+            # and the same with every rank messaging at once.
+            floor, busy_floor = {}, {}
             rss = {impl: None for impl in args.impls}  # max peak RSS, any rank
             for r in range(args.rounds):
                 for impl in args.impls:
@@ -282,8 +289,8 @@ def run_all(args, env, steps_table, rows, raw, floors):
                     if res.get("critical_path_messages"):
                         n = res["critical_path_messages"] / 1e3
                         f, b = res["one_way_us"] * n, res["one_way_busy_us"] * n
-                        floor = f if floor is None else min(floor, f)
-                        busy_floor = b if busy_floor is None else min(busy_floor, b)
+                        floor[impl] = min(floor.get(impl, f), f)
+                        busy_floor[impl] = min(busy_floor.get(impl, b), b)
                     best[impl] = ms if best[impl] is None else min(best[impl], ms)
                     rss[impl] = mb if rss[impl] is None else max(rss[impl], mb)
                     print(
@@ -296,29 +303,31 @@ def run_all(args, env, steps_table, rows, raw, floors):
                 f"{name} (L={config['layers']} W={config['width']} "
                 f"B={config['batch']} M={config['microbatches']})"
             )
-            if floor is not None:
-                floors.append((schedule, floor, busy_floor, best.get("gpipe"),
-                               best.get("gpipe_by_order"),
-                               best.get("pipelining")))  # fmt: skip
+            for impl in floor:
+                floors.append((schedule, impl, floor[impl], busy_floor[impl],
+                               best.get(impl), best.get("pipelining")))  # fmt: skip
             rows.append((label, schedule, best.get("gpipe"),
+                         best.get("gpipe_gloo"),
                          best.get("gpipe_by_order"), best.get("pipelining"),
                          rss.get("gpipe"), rss.get("pipelining")))  # fmt: skip
 
     print(
-        f"\ngpipe vs torch.distributed.pipelining, {NPROC} CPU processes over "
-        f"Gloo, OMP_NUM_THREADS=1; min over {args.rounds} round(s) of the median "
+        f"\ngpipe vs torch.distributed.pipelining, {NPROC} CPU processes on "
+        f"127.0.0.1, OMP_NUM_THREADS=1; min over {args.rounds} round(s) of the median "
         "step time, max peak RSS over rounds and ranks"
         + ("; beside a process spinning one core" if args.spin_one_core else "")
         + "\n"
     )
     print("| configuration | schedule | gpipe ms | pipelining ms | gpipe/pipelining "
+          "| gpipe over Gloo ms | over Gloo/pipelining "
           "| gpipe by order ms | by order/pipelining "
           "| gpipe RSS MB | pipelining RSS MB | RSS ratio |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, schedule, g_ms, o_ms, p_ms, g_mb, p_mb in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, schedule, g_ms, gloo_ms, o_ms, p_ms, g_mb, p_mb in rows:
         print(
             f"| {label} | {schedule} | {fmt(g_ms, '.2f')} | {fmt(p_ms, '.2f')} "
-            f"| {fmt(ratio(g_ms, p_ms), '.2f')} | {fmt(o_ms, '.2f')} "
+            f"| {fmt(ratio(g_ms, p_ms), '.2f')} | {fmt(gloo_ms, '.2f')} "
+            f"| {fmt(ratio(gloo_ms, p_ms), '.2f')} | {fmt(o_ms, '.2f')} "
             f"| {fmt(ratio(o_ms, p_ms), '.2f')} | {fmt(g_mb, '.0f')} "
             f"| {fmt(p_mb, '.0f')} | {fmt(ratio(g_mb, p_mb), '.2f')} |"
         )
@@ -326,20 +335,19 @@ def run_all(args, env, steps_table, rows, raw, floors):
     if floors:
         print(
             "\nthe floor: zero-cost stages; floor = the step's critical path in "
-            "messages x one message's one-way latency (two ranks bouncing it "
-            "alone; 'busy': every pair of ranks at once), measured by gpipe in "
-            "the same launches\n"
+            "messages x one message's one-way latency over that launch's "
+            "transport (two ranks bouncing it alone; 'busy': every pair of ranks "
+            "at once), measured by gpipe in the same launches\n"
         )
-        print("| schedule | floor ms | busy floor ms | gpipe ms | gpipe/floor "
-              "| gpipe/busy floor | gpipe by order ms | pipelining ms "
+        print("| schedule | gpipe run | floor ms | busy floor ms | gpipe ms "
+              "| gpipe/floor | gpipe/busy floor | pipelining ms "
               "| pipelining/floor |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for schedule, f, b, g_ms, o_ms, p_ms in floors:
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for schedule, impl, f, b, g_ms, p_ms in floors:
             print(
-                f"| {schedule} | {f:.2f} | {b:.2f} | {fmt(g_ms, '.2f')} "
+                f"| {schedule} | {impl} | {f:.2f} | {b:.2f} | {fmt(g_ms, '.2f')} "
                 f"| {fmt(ratio(g_ms, f), '.2f')} | {fmt(ratio(g_ms, b), '.2f')} "
-                f"| {fmt(o_ms, '.2f')} | {fmt(p_ms, '.2f')} "
-                f"| {fmt(ratio(p_ms, f), '.2f')} |"
+                f"| {fmt(p_ms, '.2f')} | {fmt(ratio(p_ms, f), '.2f')} |"
             )
 
     if args.output:

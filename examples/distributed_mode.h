@@ -23,8 +23,10 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
+#include <memory>
 #include <numeric>
 #include <sstream>
 #include <string>
@@ -53,7 +55,8 @@ constexpr const char* kUsage =
     "  --check 0|1          check the first step's gradients (default 1)\n"
     "  --device cpu|cuda    where each rank computes; cuda is cuda:LOCAL_RANK\n"
     "                       (default cpu)\n"
-    "  --backend NAME       auto (NCCL for CUDA, else Gloo), gloo, nccl\n"
+    "  --backend NAME       auto (NCCL for CUDA, else Gloo), gloo, nccl,\n"
+    "                       sockets (the pipe's own TCP connections)\n"
     "                       (default auto)\n"
     "  --match-by-order 0|1 Gloo on CPUs: match messages by order, as NCCL\n"
     "                       does, once a batch shape is known (default 0)\n"
@@ -158,6 +161,8 @@ inline Flags parse_flags(int argc, char** argv) {
             flags.backend = Backend::Gloo;
           } else if (value == "nccl") {
             flags.backend = Backend::Nccl;
+          } else if (value == "sockets") {
+            flags.backend = Backend::Sockets;
           } else {
             gpipe_example::usage_error(
                 kProgram, "unknown --backend (got: " + value + ")");
@@ -194,14 +199,54 @@ inline double median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
-/// The one-way latency of one micro-batch's activation over the World's
-/// Gloo group, in microseconds (median over `rounds` round trips, halved),
-/// with each receive posted before its message is sent: the least a message
-/// of the pipe can cost. Ranks 0 and 1 bounce it while the others wait, or,
-/// with `every_pair`, ranks 2r and 2r + 1 all at once, as busy as a step
-/// keeps the machine. Rank 0's figure is returned (0 elsewhere).
+/// Point-to-point messages between two ranks, as the pipe sends them.
+struct PointToPoint {
+  std::function<c10::intrusive_ptr<c10d::Work>(torch::Tensor&, int, int)> send;
+  std::function<c10::intrusive_ptr<c10d::Work>(torch::Tensor&, int, int)> recv;
+};
+
+/// Messages over the World's Gloo group, or, for --backend sockets, over
+/// connections like the pipe's own (Note [Messages over the pipe's own
+/// sockets]) between ranks 2r and 2r + 1.
+inline PointToPoint point_to_point(
+    gpipe::distributed::World& world,
+    const Flags& flags) {
+  if (flags.backend != gpipe::distributed::Backend::Sockets) {
+    auto group = world.group();
+    return {
+        [group](torch::Tensor& t, int peer, int tag) {
+          std::vector<torch::Tensor> tensors{t};
+          return group->send(tensors, peer, tag);
+        },
+        [group](torch::Tensor& t, int peer, int tag) {
+          std::vector<torch::Tensor> tensors{t};
+          return group->recv(tensors, peer, tag);
+        }};
+  }
+  const int64_t peer = world.rank() ^ 1;
+  auto sockets = std::make_shared<gpipe::distributed::detail::PeerSockets>(
+      world,
+      "distributed_mlp/ping_pong/",
+      peer < world.size() ? std::vector<int64_t>{peer}
+                          : std::vector<int64_t>{});
+  return {
+      [sockets](torch::Tensor& t, int to, int tag) {
+        return sockets->send(t, to, tag);
+      },
+      [sockets](torch::Tensor& t, int from, int tag) {
+        return sockets->recv(t, from, tag);
+      }};
+}
+
+/// The one-way latency of one micro-batch's activation between two ranks
+/// over `messages`, in microseconds (median over `rounds` round trips,
+/// halved), with each receive posted before its message is sent: the least
+/// a message of the pipe can cost. Ranks 0 and 1 bounce it while the others
+/// wait, or, with `every_pair`, ranks 2r and 2r + 1 all at once, as busy as
+/// a step keeps the machine. Rank 0's figure is returned (0 elsewhere).
 inline double one_way_latency_us(
     gpipe::distributed::World& world,
+    const PointToPoint& messages,
     const Flags& flags,
     int64_t rounds,
     bool every_pair) {
@@ -213,10 +258,10 @@ inline double one_way_latency_us(
   std::vector<double> trips;
   if (bounces) {
     const bool first = rank % 2 == 0;
-    std::vector<torch::Tensor> out{torch::ones({rows, flags.width})};
-    std::vector<torch::Tensor> in{torch::empty({rows, flags.width})};
+    auto out = torch::ones({rows, flags.width});
+    auto in = torch::empty({rows, flags.width});
     constexpr int kTag = 4242;
-    auto pending = group->recv(in, peer, kTag);
+    auto pending = messages.recv(in, peer, kTag);
     group->barrier()->wait();
     // Each end posts its next receive before it sends, and the last round
     // receives without posting another, so none is left posted.
@@ -224,17 +269,17 @@ inline double one_way_latency_us(
       const bool last = k + 1 == rounds + 5;
       const auto start = std::chrono::steady_clock::now();
       if (first) {
-        group->send(out, peer, kTag)->wait();
+        messages.send(out, peer, kTag)->wait();
         pending->wait();
         if (!last) {
-          pending = group->recv(in, peer, kTag);
+          pending = messages.recv(in, peer, kTag);
         }
       } else {
         pending->wait();
         if (!last) {
-          pending = group->recv(in, peer, kTag);
+          pending = messages.recv(in, peer, kTag);
         }
-        group->send(out, peer, kTag)->wait();
+        messages.send(out, peer, kTag)->wait();
       }
       if (k >= 5) { // after warm-up
         trips.push_back(std::chrono::duration<double, std::micro>(
@@ -385,8 +430,11 @@ inline int train(const Flags& flags) {
   double one_way_busy_us = 0;
   double critical_messages = 0;
   if (flags.ping_pong > 0 && world->size() >= 2) {
-    one_way_us = one_way_latency_us(*world, flags, flags.ping_pong, false);
-    one_way_busy_us = one_way_latency_us(*world, flags, flags.ping_pong, true);
+    const auto messages = point_to_point(*world, flags);
+    one_way_us =
+        one_way_latency_us(*world, messages, flags, flags.ping_pong, false);
+    one_way_busy_us =
+        one_way_latency_us(*world, messages, flags, flags.ping_pong, true);
     gpipe::Costs costs;
     costs.F = costs.B = costs.I = costs.W = 0;
     costs.comm = 1;
@@ -484,8 +532,11 @@ inline int train(const Flags& flags) {
     }
     std::cout << "loss of the last step: " << loss.item<double>() << "\n";
     std::cout << "tensors between ranks: "
-              << (pipe->uses_nccl() ? "NCCL" : "Gloo") << " on "
-              << pipe->options.device().type() << ", last step's messages "
+              << (pipe->uses_nccl()          ? "NCCL"
+                      : pipe->uses_sockets() ? "the pipe's own sockets"
+                                             : "Gloo")
+              << " on " << pipe->options.device().type()
+              << ", last step's messages "
               << (pipe->last_step_by_order() ? "matched by order"
                                              : "matched by tag")
               << "\n";

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -198,6 +199,9 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
             if (bucket_bytes >= 0) {
               options.replica_bucket_bytes(bucket_bytes);
             }
+            if (arg(args, "gloo", 0) != 0) {
+              options.backend(gd::Backend::Gloo);
+            }
             if (arg(args, "nccl", 0) != 0) {
               // cuda:LOCAL_RANK, a GPU per rank.
               options.device(torch::kCUDA).backend(gd::Backend::Nccl);
@@ -288,6 +292,14 @@ int train_like_plain(const std::shared_ptr<gd::World>& world) {
               const bool shape_seen_before = seen_batches.count(batch) > 0;
               seen_batches.insert(batch);
               ++checks;
+              // Backend::Auto on CPUs: the pipe's own sockets.
+              const bool sockets = arg(args, "gloo", 0) == 0 && !by_order &&
+                  arg(args, "cuda", 0) == 0;
+              if (pipe->uses_sockets() != sockets) {
+                ++failures;
+                std::cout << "MISMATCH " << what << ": over the pipe's own "
+                          << "sockets: " << pipe->uses_sockets() << std::endl;
+              }
               if (pipe->last_step_by_order() !=
                   (by_order && shape_seen_before)) {
                 ++failures;
@@ -390,7 +402,10 @@ int fault(const std::shared_ptr<gd::World>& world) {
       gd::DistributedOptions(world->size())
           .microbatches(4)
           .balance(balance)
-          .schedule(Schedule::OneFOneB));
+          .schedule(Schedule::OneFOneB)
+          .backend(
+              arg(args, "gloo", 0) != 0 ? gd::Backend::Gloo
+                                        : gd::Backend::Auto));
   const bool loss_throws = kind == "loss" && pipe->is_last();
   const auto x = torch::randn({8, 5}, torch::kFloat64);
   const auto y = torch::randn({8, 5}, torch::kFloat64);
@@ -529,6 +544,63 @@ struct FirstOfImpl : torch::nn::Module {
 TORCH_MODULE(FirstOf);
 
 /// Several tensors between ranks: gradients equal plain training.
+/// Note [Messages over the pipe's own sockets]: rank 0 sends numbered
+/// messages under three tags while rank 1 posts their receives ahead, late
+/// or exactly as they arrive; each must reach its receive, in order.
+int sockets_deliver_every_message(const std::shared_ptr<gd::World>& world) {
+  const int64_t peer = 1 - world->rank();
+  gd::detail::PeerSockets sockets(*world, "test/sockets/", {peer});
+  constexpr int64_t kMessages = 1200;
+  const auto tag_of = [](int64_t k) { return static_cast<int>(k % 3); };
+  // Every fourth is 1 MiB, whose bytes take a while to read.
+  const auto size_of = [](int64_t k) -> int64_t {
+    return k % 4 == 0 ? 131072 : 1 + k % 5;
+  };
+  if (world->rank() == 0) {
+    std::vector<c10::intrusive_ptr<c10d::Work>> sends;
+    for (int64_t k = 0; k < kMessages; ++k) {
+      auto message =
+          torch::full({size_of(k)}, static_cast<double>(k), torch::kDouble);
+      sends.push_back(sockets.send(message, peer, tag_of(k)));
+      if (k % 7 == 0) {
+        std::this_thread::yield();
+      }
+    }
+    for (auto& send : sends) {
+      send->wait();
+    }
+  }
+  int wrong = 0;
+  if (world->rank() == 1) {
+    std::deque<std::pair<int64_t, torch::Tensor>> posted_values;
+    std::deque<c10::intrusive_ptr<c10d::Work>> posted;
+    int64_t next = 0;
+    for (int64_t k = 0; k < kMessages; ++k) {
+      // Keep 0 to 3 receives posted ahead, changing every few messages.
+      const int64_t ahead = (k / 11) % 4;
+      while (next < kMessages && next <= k + ahead) {
+        auto into = torch::empty({size_of(next)}, torch::kDouble);
+        posted.push_back(sockets.recv(into, peer, tag_of(next)));
+        posted_values.emplace_back(next, into);
+        ++next;
+      }
+      posted.front()->wait(std::chrono::milliseconds(5000));
+      const auto [number, value] = posted_values.front();
+      if (!value.eq(static_cast<double>(number)).all().item<bool>()) {
+        ++wrong;
+      }
+      posted.pop_front();
+      posted_values.pop_front();
+      if (k % 13 == 0) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
+  }
+  world->group()->barrier()->wait();
+  std::cout << "RESULT wrong=" << wrong << std::endl;
+  return wrong == 0 ? 0 : 1;
+}
+
 int several_tensors(const std::shared_ptr<gd::World>& world) {
   const auto make = [] {
     torch::manual_seed(5);
@@ -584,6 +656,11 @@ int configuration(const std::shared_ptr<gd::World>& world) {
     if (kind == "options" && world->rank() == 1) {
       options.microbatches(4);
     }
+    if (kind == "interface" && world->rank() == 1) {
+      // Backend::Auto then picks Gloo here and the pipe's own sockets on
+      // rank 0.
+      setenv("GLOO_SOCKET_IFNAME", "lo", 1);
+    }
     auto model = make_model();
     if (kind == "model" && world->rank() == 1) {
       model->push_back(torch::nn::Identity());
@@ -604,6 +681,9 @@ int configuration(const std::shared_ptr<gd::World>& world) {
       options.backend(gd::Backend::Nccl)
           .device(torch::Device(torch::kCUDA, 0))
           .match_by_order(true);
+    }
+    if (kind == "order_on_sockets") {
+      options.backend(gd::Backend::Sockets).match_by_order(true);
     }
     gd::DistributedGPipe pipe(world, model, options);
     std::cout << "RESULT error=none" << std::endl;
@@ -716,6 +796,9 @@ int run_scenario(const std::string& scenario) {
   }
   if (scenario == "several_tensors") {
     return several_tensors(world);
+  }
+  if (scenario == "sockets") {
+    return sockets_deliver_every_message(world);
   }
   if (scenario == "dynamic") {
     return dynamic_shapes(world);
@@ -965,6 +1048,27 @@ TEST(
       {"train", "stages=2,m=3,steps=3,batches=11:7:11,sum=1,by_order=1", 4}));
 }
 
+TEST(Distributed, ThePipesOwnSocketsDeliverEveryMessageToItsReceiveInOrder) {
+  // However the receive and the message race (posted ahead, late, or while
+  // its bytes are read): a message lost there would time out.
+  expect_all_succeeded(mp::run({"sockets", "", /*world=*/2}));
+}
+
+TEST(Distributed, TwoRanksTrainLikePlainOverGlooOnEverySchedule) {
+  // Backend::Auto sends over the pipe's own sockets on CPUs (the tests
+  // above); Gloo, with its rendezvous, still carries every schedule,
+  // checkpoint mode and micro-batch count.
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,all_modes=1,m=1:3:8,steps=2,sum=1,gloo=1", 2}));
+}
+
+TEST(Distributed, FourRanksAndTwoReplicasTrainLikePlainOverGloo) {
+  expect_all_succeeded(
+      mp::run({"train", "stages=4,m=3:8,steps=3,batches=11:7:11,gloo=1", 4}));
+  expect_all_succeeded(mp::run(
+      {"train", "stages=2,m=3,steps=3,batches=11:7:11,sum=1,gloo=1", 4}));
+}
+
 TEST(Distributed, TwoRanksOnTwoGpusTrainLikePlainOverNccl_MultiCUDA) {
   if (torch::cuda::device_count() < 2) {
     GTEST_SKIP() << "needs 2 CUDA devices, found "
@@ -1195,18 +1299,39 @@ TEST(Distributed, ARankKilledBySigkillFailsEveryOtherRankWithinSeconds) {
   expect_everyone_names(outcomes, 2, "exited", 10.0, false);
 }
 
-TEST(Distributed, AStuckRankFailsItsNeighboursAfterTheTimeout) {
-  mp::Job job{"fault", "kind=stuck,at=1,timeout_ms=3000", /*world=*/2};
+TEST(Distributed, OverGlooEveryFailureStopsEveryRankAsOverThePipesOwnSockets) {
+  // An exception, a rank that exits and one killed: every rank fails
+  // within seconds naming the rank at fault, as over the pipe's own
+  // sockets (the tests above).
+  expect_everyone_names(
+      mp::run({"fault", "kind=throw,at=2,timeout_ms=20000,gloo=1", 4}),
+      2,
+      "the trap sprang in forward",
+      10.0,
+      true);
+  const auto exited =
+      mp::run({"fault", "kind=exit,at=1,timeout_ms=20000,gloo=1", 4});
+  EXPECT_TRUE(exited[1].exited && exited[1].code == 3) << exited[1];
+  expect_everyone_names(exited, 1, "exited", 10.0, false);
+  const auto killed =
+      mp::run({"fault", "kind=kill,at=2,timeout_ms=20000,gloo=1", 4});
+  EXPECT_TRUE(!killed[2].exited && killed[2].code == SIGKILL) << killed[2];
+  expect_everyone_names(killed, 2, "exited", 10.0, false);
+}
+
+/// Rank 1 of 2 never answers: rank 0 fails after the World's 3 s timeout,
+/// naming it. `extra`: more arguments of the fault scenario.
+void expect_a_stuck_rank_to_fail_its_neighbour(const std::string& extra) {
+  mp::Job job{"fault", "kind=stuck,at=1,timeout_ms=3000" + extra, 2};
   job.deadline = std::chrono::seconds(20);
   job.straggler = 1;
   const auto outcomes = mp::run(job);
   EXPECT_TRUE(outcomes[1].killed_by_harness) << outcomes[1];
   const auto& survivor = outcomes[0];
   EXPECT_TRUE(survivor.succeeded()) << survivor;
-  EXPECT_NE(survivor.result("error").find("gpipe: rank 1"), std::string::npos)
-      << survivor;
   EXPECT_NE(
-      survivor.result("error").find("sent nothing for 3000 ms"),
+      survivor.result("error").find(
+          "gpipe: rank 1 (stage 1) sent nothing for 3000 ms"),
       std::string::npos)
       << survivor;
   const double seconds = std::stod("0" + survivor.result("seconds"));
@@ -1214,6 +1339,14 @@ TEST(Distributed, AStuckRankFailsItsNeighboursAfterTheTimeout) {
             << " s: " << survivor.result("error") << std::endl;
   EXPECT_GE(seconds, 2.9) << survivor;
   EXPECT_LT(seconds, 8.0) << survivor;
+}
+
+TEST(Distributed, OverGlooAStuckRankFailsItsNeighbourAfterTheTimeout) {
+  expect_a_stuck_rank_to_fail_its_neighbour(",gloo=1");
+}
+
+TEST(Distributed, AStuckRankFailsItsNeighboursAfterTheTimeout) {
+  expect_a_stuck_rank_to_fail_its_neighbour("");
 }
 
 TEST(Distributed, AWorldSizeThatIsNotReplicasTimesStagesIsAnErrorOnEveryRank) {
@@ -1229,7 +1362,8 @@ TEST(Distributed, AWorldSizeThatIsNotReplicasTimesStagesIsAnErrorOnEveryRank) {
 }
 
 TEST(Distributed, RanksBuiltWithDifferentOptionsOrModelsAreAnErrorOnEveryRank) {
-  for (const std::string kind : {"options", "model"}) {
+  // "interface": one rank's GLOO_SOCKET_IFNAME keeps its messages on Gloo.
+  for (const std::string kind : {"options", "model", "interface"}) {
     for (const auto& outcome :
          mp::run({"configuration", "kind=" + kind, /*world=*/2})) {
       EXPECT_TRUE(outcome.succeeded()) << kind << ": " << outcome;
@@ -1248,10 +1382,14 @@ TEST(Distributed, DevicesBackendsAndModesThatCannotWorkAreAnErrorOnEveryRank) {
       // as some default.
       {"forged_backend",
        "gpipe: backend is not a Backend (value: 42); use Backend::Auto, "
-       "Backend::Gloo or Backend::Nccl"},
+       "Backend::Gloo, Backend::Nccl or Backend::Sockets"},
       {"forged_checkpoint",
        "gpipe: checkpoint is not a Checkpoint (value: 42); use "
-       "Checkpoint::Always, Checkpoint::ExceptLast or Checkpoint::Never"}};
+       "Checkpoint::Always, Checkpoint::ExceptLast or Checkpoint::Never"},
+      // The pipe's own sockets match by tag.
+      {"order_on_sockets",
+       "match_by_order is for Gloo on CPUs (NCCL always matches by order); "
+       "got backend sockets on cpu"}};
   if (!torch::cuda::is_available()) {
     expected.emplace(
         "cuda_without_gpu",

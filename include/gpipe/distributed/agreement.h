@@ -59,8 +59,13 @@ inline void check_same_everywhere(
     const std::vector<torch::nn::Sequential>& stages,
     const RankPlacement& placement) {
   std::ostringstream common;
+  // Where messages go depends on the environment too (GLOO_SOCKET_IFNAME).
   common << "world=" << world.size() << "; " << options
-         << "; device type=" << options.device().type() << "\n"
+         << "; device type=" << options.device().type() << "; messages over "
+         << (placement.nccl          ? "NCCL"
+                 : placement.sockets ? "the pipe's own sockets"
+                                     : "Gloo")
+         << "\n"
          << whole_model;
   const std::string common_text = common.str();
   const std::string mine_text = stages_fingerprint(stages);

@@ -4,12 +4,13 @@
 // Note [A failed rank stops every rank]
 // A rank that fails writes its error to the store (the first one wins) and
 // aborts its pending messages. While a step runs, a watchdog on every rank
-// polls the store and, once an error is there, aborts the receive the rank
-// is blocked in, which then throws that error naming the failed rank. A
-// rank that died without reporting (exit, SIGKILL) closes its connections,
-// so its peers' receives fail within the second; a rank stuck forever lets
-// its peers time out after WorldOptions::timeout. Ranks further away fail
-// the same way once their neighbour stops.
+// (a thread for the pipe's life) polls the store and, once an error is
+// there, aborts the receive the rank is blocked in, which then throws that
+// error naming the failed rank. A rank that died without reporting (exit,
+// SIGKILL) closes its connections, so its peers' receives fail within the
+// second; a rank stuck forever lets its peers time out after
+// WorldOptions::timeout. Ranks further away fail the same way once their
+// neighbour stops.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -144,46 +145,96 @@ class FailureBoard {
 
 /// Polls the FailureBoard while a step runs and aborts the step's messages
 /// once another rank posted a failure (Note [A failed rank stops every rank]).
+/// One thread for the pipe's life, armed for each step by an `Armed`: a
+/// thread started and joined every step cost each rank two context
+/// switches per step. Armed, it polls every 50 ms; a second after the last
+/// step it sleeps until armed again.
 class Watchdog {
  public:
   /// `abort` stops the step's messages (the transport's abort).
   Watchdog(FailureBoard& board, std::function<void()> abort)
-      : thread_([this, &board, abort = std::move(abort)] {
-          std::unique_lock<std::mutex> lock(mutex_);
-          while (!stop_) {
-            if (stopped_.wait_for(lock, std::chrono::milliseconds(50), [&] {
-                  return stop_;
-                })) {
-              break;
-            }
-            lock.unlock();
-            const bool failed = board.find().has_value();
-            if (failed) {
-              abort();
-            }
-            lock.lock();
-            if (failed) {
-              break;
-            }
-          }
-        }) {}
+      : board_(board), abort_(std::move(abort)), thread_([this] { watch(); }) {}
 
   ~Watchdog() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
     }
-    stopped_.notify_all();
+    changed_.notify_all();
     thread_.join();
   }
 
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
 
+  /// Watches while it lives: a step.
+  class Armed {
+   public:
+    explicit Armed(Watchdog& watchdog) : watchdog_(watchdog) {
+      watchdog_.set_armed(true);
+    }
+    ~Armed() {
+      watchdog_.set_armed(false);
+    }
+    Armed(const Armed&) = delete;
+    Armed& operator=(const Armed&) = delete;
+
+   private:
+    Watchdog& watchdog_;
+  };
+
  private:
+  void set_armed(bool armed) {
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      armed_ = armed;
+      if (armed) {
+        last_armed_ = std::chrono::steady_clock::now();
+        wake = asleep_;
+      }
+    }
+    if (wake) {
+      changed_.notify_all();
+    }
+  }
+
+  void watch() {
+    constexpr auto kPoll = std::chrono::milliseconds(50);
+    constexpr auto kIdle = std::chrono::seconds(1);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stop_) {
+      if (!armed_ && std::chrono::steady_clock::now() - last_armed_ > kIdle) {
+        asleep_ = true;
+        changed_.wait(lock, [&] { return stop_ || armed_; });
+        asleep_ = false;
+        continue;
+      }
+      const auto until = std::chrono::steady_clock::now() + kPoll;
+      changed_.wait_until(lock, until, [&] { return stop_; });
+      if (stop_ || !armed_ || std::chrono::steady_clock::now() < until) {
+        continue;
+      }
+      lock.unlock();
+      const bool failed = board_.find().has_value();
+      lock.lock();
+      if (failed && armed_) {
+        lock.unlock();
+        abort_();
+        lock.lock();
+        armed_ = false;
+      }
+    }
+  }
+
+  FailureBoard& board_;
+  std::function<void()> abort_;
   std::mutex mutex_;
-  std::condition_variable stopped_;
+  std::condition_variable changed_;
   bool stop_ = false;
+  bool armed_ = false;
+  bool asleep_ = false;
+  std::chrono::steady_clock::time_point last_armed_{};
   std::thread thread_; // last: starts once the members above exist
 };
 

@@ -21,13 +21,20 @@ namespace gpipe::distributed {
 
 /// What carries a pipe's tensors between ranks.
 enum class Backend {
-  /// NCCL for a CUDA device where this build has NCCL, else Gloo.
+  /// NCCL for a CUDA device where this build has NCCL; on CPUs the pipe's
+  /// own sockets (Sockets), unless match_by_order or GLOO_SOCKET_IFNAME is
+  /// set; else Gloo.
   Auto,
   /// Gloo, staging CUDA tensors through the CPU (also how ranks that
   /// share one GPU talk: NCCL refuses that).
   Gloo,
   /// NCCL, between CUDA devices: one GPU per rank (Note [Ordered steps]).
   Nccl,
+  /// The pipe's own TCP connections between a pipeline's ranks, a write
+  /// per message where Gloo makes three (Note [Messages over the pipe's own
+  /// sockets]); CUDA tensors staged through the CPU as with Gloo. Replica
+  /// and tie sums go over Gloo.
+  Sockets,
 };
 
 inline const char* to_string(Backend backend) {
@@ -38,6 +45,8 @@ inline const char* to_string(Backend backend) {
       return "gloo";
     case Backend::Nccl:
       return "nccl";
+    case Backend::Sockets:
+      return "sockets";
   }
   return "unknown";
 }

@@ -5,6 +5,7 @@
 
 #include <gpipe/distributed/bundle_header.h>
 #include <gpipe/distributed/failure.h>
+#include <gpipe/distributed/peer_sockets.h>
 #include <gpipe/distributed/receives_ahead.h>
 
 #include <c10/util/Exception.h>
@@ -26,8 +27,9 @@
 namespace gpipe::distributed::detail {
 
 /// Point-to-point messages of one rank over `group` (peers are the group's
-/// ranks). Used by the rank's lane, except `abort`, which the watchdog may
-/// call.
+/// ranks), or over `sockets` where the pipe has its own (Note [Messages
+/// over the pipe's own sockets]). Used by the rank's lane, except `abort`,
+/// which the watchdog may call.
 class PeerMessages {
  public:
   /// `describe(r)` names rank r in errors; `timeout` is the group's.
@@ -35,8 +37,10 @@ class PeerMessages {
       c10::intrusive_ptr<c10d::Backend> group,
       FailureBoard& board,
       std::function<std::string(int64_t rank)> describe,
-      std::chrono::milliseconds timeout)
+      std::chrono::milliseconds timeout,
+      std::shared_ptr<PeerSockets> sockets = nullptr)
       : group_(std::move(group)),
+        sockets_(std::move(sockets)),
         board_(board),
         describe_(std::move(describe)),
         timeout_(timeout) {}
@@ -80,6 +84,11 @@ class PeerMessages {
 
   /// Posts `tensor` to `peer`; it is kept until `finish_sends`.
   void post_send(torch::Tensor tensor, int64_t peer, int tag) {
+    if (sockets_) {
+      auto work = sockets_->send(tensor, peer, tag);
+      keep_send(std::move(work), peer, std::move(tensor));
+      return;
+    }
     std::vector<torch::Tensor> tensors{tensor};
     auto work = group_->send(tensors, static_cast<int>(peer), tag);
     keep_send(std::move(work), peer, std::move(tensor));
@@ -99,6 +108,9 @@ class PeerMessages {
       torch::Tensor& tensor,
       int64_t peer,
       int tag) {
+    if (sockets_) {
+      return sockets_->recv(tensor, peer, tag);
+    }
     std::vector<torch::Tensor> tensors{tensor};
     return group_->recv(tensors, static_cast<int>(peer), tag);
   }
@@ -189,6 +201,9 @@ class PeerMessages {
       } catch (...) {
       }
     }
+    if (sockets_) {
+      sockets_->abort();
+    }
   }
 
   /// Throws the posted failure if the watchdog aborted this rank's messages
@@ -271,6 +286,7 @@ class PeerMessages {
   };
 
   c10::intrusive_ptr<c10d::Backend> group_;
+  std::shared_ptr<PeerSockets> sockets_; // null: messages go over group_
   FailureBoard& board_;
   std::function<std::string(int64_t)> describe_;
   std::chrono::milliseconds timeout_;

@@ -279,6 +279,10 @@ class DistributedGPipeImpl : public torch::nn::Module {
   bool uses_nccl() const {
     return placement_.nccl;
   }
+  /// Whether tensors travel over the pipe's own sockets (Auto on CPUs).
+  bool uses_sockets() const {
+    return placement_.sockets;
+  }
 
   /// Whether the last step's messages went by order (Note [Ordered
   /// steps]): never on Gloo without match_by_order, and never on the first
@@ -325,13 +329,10 @@ class DistributedGPipeImpl : public torch::nn::Module {
         std::move(mine),
         std::vector<torch::Device>(static_cast<size_t>(n_), options.device()),
         std::vector<size_t>(static_cast<size_t>(n_), 0));
-    transport_ = std::make_unique<detail::ProcessGroupTransport>(
-        world_->group(),
-        placement_.rank_of_stage,
-        *board_,
-        [this](int64_t rank) { return describe(rank); },
-        world_->timeout(),
-        detail::ordered_path(*world_, placement_, options, prefix));
+    transport_ =
+        detail::pipe_transport(*world_, placement_, options, prefix, *board_);
+    watchdog_ = std::make_unique<detail::Watchdog>(
+        *board_, [this] { transport_->abort(); });
     sums_ = std::make_unique<detail::StepSums>(
         detail::ReplicaGroup::of_stage(
             world_, placement_, options, prefix, *board_),
@@ -365,7 +366,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
         "gpipe: step runs backward and cannot run with grad mode disabled");
     auto& transport = *transport_;
     try {
-      detail::Watchdog watchdog(*board_, [&transport] { transport.abort(); });
+      detail::Watchdog::Armed watching(*watchdog_);
       auto loss =
           run_step(transport, std::move(input), is_list, target, loss_fn);
       transport.messages().finish_sends();
@@ -487,6 +488,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
   bool last_by_order_ = false;
   std::unique_ptr<detail::FailureBoard> board_;
   std::unique_ptr<detail::ProcessGroupTransport> transport_;
+  std::unique_ptr<detail::Watchdog> watchdog_; // ends before transport_
   std::unique_ptr<detail::StepSums> sums_; // ties, then replicas
   bool broken_ = false;
   std::string broken_reason_;

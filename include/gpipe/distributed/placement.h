@@ -36,6 +36,7 @@ struct RankPlacement {
   std::vector<int64_t> rank_of_stage; // in this rank's pipeline
   std::vector<int64_t> position_of_stage; // the program's lanes
   bool nccl = false;
+  bool sockets = false; // Note [Messages over the pipe's own sockets]
 
   /// The position in the pipeline that runs each stage: the program's
   /// lanes.
@@ -177,10 +178,11 @@ inline RankPlacement place_on_ranks(
   const auto backend = options.backend();
   TORCH_CHECK(
       backend == Backend::Auto || backend == Backend::Gloo ||
-          backend == Backend::Nccl,
+          backend == Backend::Nccl || backend == Backend::Sockets,
       "gpipe: backend is not a Backend (value: ",
       static_cast<int>(backend),
-      "); use Backend::Auto, Backend::Gloo or Backend::Nccl");
+      "); use Backend::Auto, Backend::Gloo, Backend::Nccl or ",
+      "Backend::Sockets");
   TORCH_CHECK(
       backend != Backend::Nccl || options.device().is_cuda(),
       "gpipe: Backend::Nccl needs a CUDA device, got ",
@@ -190,12 +192,18 @@ inline RankPlacement place_on_ranks(
        GPIPE_HAS_NCCL);
   TORCH_CHECK(
       !options.match_by_order() ||
-          (!placement.nccl && options.device().type() == torch::kCPU),
+          (!placement.nccl && backend != Backend::Sockets &&
+           options.device().type() == torch::kCPU),
       "gpipe: match_by_order is for Gloo on CPUs (NCCL always matches by ",
       "order); got backend ",
       backend,
       " on ",
       options.device());
+  // Auto picks the pipe's own sockets on CPUs, unless the user chose Gloo's
+  // network interface or NCCL's rules (match_by_order).
+  placement.sockets = backend == Backend::Sockets ||
+      (backend == Backend::Auto && !options.device().is_cuda() &&
+       !options.match_by_order() && env("GLOO_SOCKET_IFNAME") == nullptr);
   placement.replicas = world.size() / stages;
   placement.replica = world.rank() / stages;
   placement.position = world.rank() % stages;

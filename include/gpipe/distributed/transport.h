@@ -95,6 +95,25 @@ inline OrderedPath ordered_path(
   return path;
 }
 
+/// This rank's connections to the rest of its pipeline where its messages
+/// go over the pipe's own sockets (Note [Messages over the pipe's own
+/// sockets]), else none.
+inline std::shared_ptr<PeerSockets> pipeline_sockets(
+    World& world,
+    const RankPlacement& placement,
+    const std::string& prefix) {
+  if (!placement.sockets) {
+    return nullptr;
+  }
+  std::vector<int64_t> peers;
+  for (int64_t p = 0; p < placement.stages; ++p) {
+    if (p != placement.position) {
+      peers.push_back(placement.replica * placement.stages + p);
+    }
+  }
+  return std::make_shared<PeerSockets>(world, prefix, peers);
+}
+
 /// Sends and receives bundles of one pipe between its ranks over `group`
 /// (the World's group: peers are global ranks). Used by one thread, the
 /// rank's lane, except `abort`, which the watchdog may call.
@@ -108,8 +127,14 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
       FailureBoard& board,
       std::function<std::string(int64_t rank)> describe,
       std::chrono::milliseconds timeout,
-      OrderedPath ordered_path = {})
-      : messages_(std::move(group), board, std::move(describe), timeout),
+      OrderedPath ordered_path = {},
+      std::shared_ptr<PeerSockets> sockets = nullptr)
+      : messages_(
+            std::move(group),
+            board,
+            std::move(describe),
+            timeout,
+            std::move(sockets)),
         rank_of_stage_(std::move(rank_of_stage)),
         path_(std::move(ordered_path)) {}
 
@@ -407,6 +432,25 @@ class ProcessGroupTransport final : public gpipe::detail::Transport {
   bool agree_every_time_ = false;
   std::vector<int64_t> last_header_; // when agreeing every time
 };
+
+/// The transport of a pipe placed as `placement`: its messages over the
+/// World's group, the ordered path and the pipe's own sockets as the
+/// options and the placement say.
+inline std::unique_ptr<ProcessGroupTransport> pipe_transport(
+    World& world,
+    const RankPlacement& placement,
+    const DistributedOptions& options,
+    const std::string& prefix,
+    FailureBoard& board) {
+  return std::make_unique<ProcessGroupTransport>(
+      world.group(),
+      placement.rank_of_stage,
+      board,
+      [placement](int64_t rank) { return placement.describe(rank); },
+      world.timeout(),
+      ordered_path(world, placement, options, prefix),
+      pipeline_sockets(world, placement, prefix));
+}
 
 /// Sends `message` to every other rank of this rank's pipeline, tagged
 /// `tag` (the batch's header, the step's loss).

@@ -201,6 +201,10 @@ class World {
   std::chrono::milliseconds timeout() const {
     return options_.timeout();
   }
+  /// Where the store is hosted (MASTER_ADDR).
+  const std::string& master_addr() const {
+    return options_.master_addr();
+  }
   /// torchrun's restart attempt (TORCHELASTIC_RESTART_COUNT), else 0.
   int64_t attempt() const {
     return attempt_;
