@@ -180,7 +180,7 @@ inline void add_declared_ties(
       std::vector<uint8_t>(post.begin(), post.end()));
   std::map<std::string, DeclaredCopy> copies;
   for (int64_t p = 0; p < placement.stages; ++p) {
-    const auto rank = placement.replica * placement.stages + p;
+    const auto rank = placement.rank_at(p);
     const auto bytes =
         store.get(prefix + "declared_ties/" + std::to_string(rank));
     declared::read_post(std::string(bytes.begin(), bytes.end()), copies);

@@ -84,13 +84,9 @@ class PeerMessages {
 
   /// Posts `tensor` to `peer`; it is kept until `finish_sends`.
   void post_send(torch::Tensor tensor, int64_t peer, int tag) {
-    if (sockets_) {
-      auto work = sockets_->send(tensor, peer, tag);
-      keep_send(std::move(work), peer, std::move(tensor));
-      return;
-    }
     std::vector<torch::Tensor> tensors{tensor};
-    auto work = group_->send(tensors, static_cast<int>(peer), tag);
+    auto work = sockets_ ? sockets_->send(tensor, peer, tag)
+                         : group_->send(tensors, static_cast<int>(peer), tag);
     keep_send(std::move(work), peer, std::move(tensor));
   }
 

@@ -44,6 +44,11 @@ struct RankPlacement {
     return position_of_stage;
   }
 
+  /// The rank at `position` of this rank's pipeline.
+  int64_t rank_at(int64_t position) const {
+    return replica * stages + position;
+  }
+
   /// "rank 3 (stage 1)", "rank 1 (stages 1 3)".
   std::string describe(int64_t rank) const {
     const int64_t position = rank % stages;
@@ -204,6 +209,8 @@ inline RankPlacement place_on_ranks(
   placement.sockets = backend == Backend::Sockets ||
       (backend == Backend::Auto && !options.device().is_cuda() &&
        !options.match_by_order() && env("GLOO_SOCKET_IFNAME") == nullptr);
+  placement.stages = stages;
+  placement.stages_per_rank = options.stages_per_rank();
   placement.replicas = world.size() / stages;
   placement.replica = world.rank() / stages;
   placement.position = world.rank() % stages;
@@ -215,10 +222,8 @@ inline RankPlacement place_on_ranks(
     if (position == placement.position) {
       placement.my_stages.push_back(s);
     }
-    placement.rank_of_stage.push_back(placement.replica * stages + position);
+    placement.rank_of_stage.push_back(placement.rank_at(position));
   }
-  placement.stages = stages;
-  placement.stages_per_rank = options.stages_per_rank();
   return placement;
 }
 

@@ -196,7 +196,7 @@ class Ties {
       }
       Owners owners;
       for (const int64_t p : positions) {
-        owners.ranks.push_back(placement.replica * placement.stages + p);
+        owners.ranks.push_back(placement.rank_at(p));
       }
       if (positions.size() > 1) { // else every copy is on this rank
         const std::string name = prefix + "tie_" + c10::Join("_", positions) +

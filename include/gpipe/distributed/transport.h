@@ -108,7 +108,7 @@ inline std::shared_ptr<PeerSockets> pipeline_sockets(
   std::vector<int64_t> peers;
   for (int64_t p = 0; p < placement.stages; ++p) {
     if (p != placement.position) {
-      peers.push_back(placement.replica * placement.stages + p);
+      peers.push_back(placement.rank_at(p));
     }
   }
   return std::make_shared<PeerSockets>(world, prefix, peers);
@@ -462,7 +462,7 @@ inline void tell_the_pipeline(
   for (int64_t p = 0; p < placement.stages; ++p) {
     if (p != placement.position) {
       transport.messages().send_control(
-          message.clone(), placement.replica * placement.stages + p, tag);
+          message.clone(), placement.rank_at(p), tag);
     }
   }
 }
