@@ -437,18 +437,15 @@ class DistributedGPipeImpl : public torch::nn::Module {
         static_cast<double>(batch),
         call,
         /*needs_graph=*/true);
-    runner.watch_last_weights(
-        gpipe::detail::weight_ops_of(
-            program.lanes[static_cast<size_t>(placement_.position)]),
-        last_weights);
+    const auto& lane = program.lanes[static_cast<size_t>(placement_.position)];
+    runner.watch_last_weights(gpipe::detail::weight_ops_of(lane), last_weights);
     gpipe::detail::Executor executor(program, runner, transport);
     transport.begin(
         call.get(),
         signature,
         options.agree_shapes_every_step(),
         by_order,
-        detail::receives_of(
-            program.lanes[static_cast<size_t>(placement_.position)]));
+        detail::receives_of(lane));
     // The loss's receive too is posted ahead (Note [Receives are posted
     // ahead]).
     auto loss = torch::zeros({1}, torch::kFloat64);
@@ -463,7 +460,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     transport.end();
     lane_gradients.deliver();
     call->lane_gradients = nullptr;
-    sums_->sum_ties();
+    sums_->check_ties();
     // The loss: known to the last stage, told to the others.
     if (is_last()) {
       loss[0] =
@@ -472,6 +469,7 @@ class DistributedGPipeImpl : public torch::nn::Module {
     } else {
       transport.messages().wait_control(kLoss, "the loss of this step");
     }
+    sums_->sum_ties();
     loss =
         sums_->finish(call->parameters, batch, loss, options.loss_reduction());
     measure.search([&](const std::vector<TimelineEvent>& events) {

@@ -1,5 +1,6 @@
 // What a step across processes sums as its drain ends, in order: the tied
-// copies' gradients over their owners (ties.h), then every gradient, and
+// copies' gradients over their owners (ties.h; their check starts with the
+// step and ends before the loss goes out), then every gradient, and
 // the loss, over the stage's replicas (replicas.h; their buckets start
 // during the rank's last backward: replica_buckets.h). Both sum this step's
 // gradient alone: `.grad` that earlier steps accumulated (already summed
@@ -31,8 +32,9 @@ class StepSums {
     return *ties_;
   }
 
-  /// Sets the earlier steps' `.grad` of the call's parameters aside, where
-  /// there is something to sum, and lays out the replicas' buckets; returns
+  /// Starts the ties' check, sets the earlier steps' `.grad` of the call's
+  /// parameters aside, where there is something to sum, and lays out the
+  /// replicas' buckets; returns
   /// what the runner tells of its last weight-gradient op (Note [Replica
   /// sums overlap the drain]), or null without replicas.
   gpipe::detail::LastWeightsWatch* begin(
@@ -40,6 +42,7 @@ class StepSums {
       int64_t batch,
       Reduction reduction) {
     earlier_.clear();
+    ties_->start_check();
     if (!replicas_ && !ties_->any_here()) {
       return nullptr;
     }
@@ -66,9 +69,15 @@ class StepSums {
     return replicas_ ? replicas_->last_sums() : ReplicaSums();
   }
 
-  /// Sums the tied copies' gradients: before the loss goes out, so that a
-  /// tie's failure stops the ranks that wait for it (Note [Ties are found,
-  /// and watched]).
+  /// Throws where the owners' copies of a tie differ: before the loss goes
+  /// out, so that the ranks that wait for it fail in the same step (Note
+  /// [Ties are found, and watched]).
+  void check_ties() {
+    ties_->finish_check();
+  }
+
+  /// Sums the tied copies' gradients: after the loss goes out, so that only
+  /// the owners wait for the last of them to drain.
   void sum_ties() {
     ties_->reduce();
   }

@@ -21,9 +21,13 @@
 // (declared_ties.h); a rank that holds several copies (the V schedules
 // place the first and the last stage on one rank) sums them before the
 // owners do. Each step the owners compare a fingerprint of their copies'
-// bits (two wrapping integer sums, exact in any order) before summing the
-// gradients: a copy modified behind the pipe's back is a `gpipe:` error on
-// every owner, which fails the step everywhere, instead of silent drift.
+// bits (two wrapping integer sums, exact in any order): a copy modified
+// behind the pipe's back is a `gpipe:` error on every owner, which fails the
+// step everywhere, instead of silent drift. The fingerprints are taken and
+// their sum started as the step begins, and the verdict is waited for
+// before the loss goes out; the gradients are summed after it, so only the
+// owners wait for the last of them to drain, not the ranks that wait for
+// the loss (a GPT's middle stages in 1F1B).
 // The first step reads every element; later steps read at most 65,536 of
 // them, every stride-th from an offset that moves by one each step, so a
 // check costs microseconds even for a vocabulary-sized embedding (a whole
@@ -251,91 +255,133 @@ class Ties {
     return counted;
   }
 
-  /// Checks that the owners' copies are identical, then sums this step's
-  /// gradients of the copies over their owners.
-  void reduce() {
+  /// Starts comparing the owners' copies: a fingerprint of each copy's
+  /// bits, summed over the owners without waiting. At the step's start, so
+  /// the verdict is in long before the loss goes out and no rank waits for
+  /// it (Note [Ties are found, and watched]).
+  void start_check() {
     torch::NoGradGuard no_grad;
     for (auto& owners : owners_) {
       const auto n = static_cast<int64_t>(owners.copies.size());
-      // Per tie: [f1, f1^2, f2, f2^2, has a gradient] of this rank's first
-      // copy (its other copies must match it).
-      auto meta = torch::zeros({5 * n}, torch::kFloat64);
-      auto* m = meta.data_ptr<double>();
+      // Per tie: [f1, f1^2, f2, f2^2] of this rank's first copy (its other
+      // copies must match it).
+      auto fingerprints = torch::zeros({4 * n}, torch::kFloat64);
+      auto* f = fingerprints.data_ptr<double>();
       for (int64_t k = 0; k < n; ++k) {
         const auto& copies = owners.copies[static_cast<size_t>(k)];
         const auto [f1, f2] = bits_fingerprint(copies.front(), checks_);
         bool same_here = true;
-        bool has_grad = false;
         for (const auto& copy : copies) {
           same_here = same_here &&
               bits_fingerprint(copy, checks_) == std::make_pair(f1, f2);
-          has_grad = has_grad || copy.grad().defined();
         }
         check_same(owners, k, same_here);
-        m[5 * k] = f1;
-        m[5 * k + 1] = f1 * f1;
-        m[5 * k + 2] = f2;
-        m[5 * k + 3] = f2 * f2;
-        m[5 * k + 4] = has_grad ? 1.0 : 0.0;
+        f[4 * k] = f1;
+        f[4 * k + 1] = f1 * f1;
+        f[4 * k + 2] = f2;
+        f[4 * k + 3] = f2 * f2;
       }
+      owners.fingerprints = fingerprints.to(on_);
       if (owners.group) {
-        allreduce(owners, meta, "the fingerprints of the tied copies");
-        meta = meta.to(torch::kCPU);
-        m = meta.data_ptr<double>();
+        owners.checking = board_.start_sum(
+            *owners.group,
+            owners.fingerprints,
+            world_->timeout(),
+            failed_while(owners, "the fingerprints of the tied copies"));
       }
+    }
+    ++checks_;
+  }
+
+  /// Waits for the comparison start_check began; throws where the copies
+  /// differ.
+  void finish_check() {
+    for (auto& owners : owners_) {
+      if (!owners.fingerprints.defined()) {
+        continue;
+      }
+      if (owners.checking) {
+        board_.wait_for(
+            owners.checking,
+            failed_while(owners, "the fingerprints of the tied copies"));
+        owners.checking.reset();
+      }
+      const auto summed = owners.fingerprints.to(torch::kCPU);
+      owners.fingerprints = torch::Tensor();
+      const auto* f = summed.data_ptr<double>();
       const auto size = static_cast<double>(owners.ranks.size());
-      for (int64_t k = 0; k < n; ++k) {
+      for (int64_t k = 0; k < static_cast<int64_t>(owners.copies.size()); ++k) {
         // All equal exactly when size * sum(f^2) == sum(f)^2.
         check_same(
             owners,
             k,
-            size * m[5 * k + 1] == m[5 * k] * m[5 * k] &&
-                size * m[5 * k + 3] == m[5 * k + 2] * m[5 * k + 2]);
+            size * f[4 * k + 1] == f[4 * k] * f[4 * k] &&
+                size * f[4 * k + 3] == f[4 * k + 2] * f[4 * k + 2]);
       }
+    }
+  }
+
+  /// Sums this step's gradients of the copies over their owners, after
+  /// finish_check. A copy keeps no gradient where no owner's copy has one.
+  void reduce() {
+    finish_check();
+    torch::NoGradGuard no_grad;
+    for (auto& owners : owners_) {
+      const auto n = static_cast<int64_t>(owners.copies.size());
       std::map<c10::ScalarType, std::vector<int64_t>> by_dtype;
       for (int64_t k = 0; k < n; ++k) {
         by_dtype[owners.copies[static_cast<size_t>(k)].front().scalar_type()]
             .push_back(k);
       }
       for (const auto& [dtype, slots] : by_dtype) {
+        const auto on = torch::TensorOptions().dtype(dtype).device(on_);
         std::vector<torch::Tensor> flat;
-        for (const int64_t k : slots) {
+        // After the gradients, one flag per tie: its copies here have a
+        // gradient (summed, they say whether any owner's has).
+        std::vector<double> has_grad;
+        for (size_t j = 0; j < slots.size(); ++j) {
           // This rank's copies summed in copy order.
           torch::Tensor sum;
-          for (const auto& copy : owners.copies[static_cast<size_t>(k)]) {
+          for (const auto& copy :
+               owners.copies[static_cast<size_t>(slots[j])]) {
             if (copy.grad().defined()) {
               auto grad = copy.grad().reshape({-1}).to(on_);
               sum = sum.defined() ? sum + grad : grad;
             }
           }
-          const auto& first = owners.copies[static_cast<size_t>(k)].front();
+          const auto& first =
+              owners.copies[static_cast<size_t>(slots[j])].front();
           flat.push_back(
-              sum.defined()
-                  ? sum
-                  : torch::zeros(
-                        {first.numel()},
-                        torch::TensorOptions().dtype(dtype).device(on_)));
+              sum.defined() ? sum : torch::zeros({first.numel()}, on));
+          has_grad.push_back(sum.defined() ? 1.0 : 0.0);
         }
+        const auto flags = static_cast<int64_t>(has_grad.size());
+        flat.push_back(torch::tensor(has_grad, torch::kFloat64).to(on));
         auto bucket = torch::cat(flat);
         if (owners.group) {
-          allreduce(owners, bucket, "the gradients of the tied copies");
+          board_.sum_over(
+              *owners.group,
+              bucket,
+              world_->timeout(),
+              failed_while(owners, "the gradients of the tied copies"));
         }
+        const auto any_grad = bucket.narrow(0, bucket.numel() - flags, flags)
+                                  .to(torch::kCPU, torch::kFloat64);
+        const auto* any = any_grad.data_ptr<double>();
         int64_t at = 0;
-        for (const int64_t k : slots) {
-          const auto& copies = owners.copies[static_cast<size_t>(k)];
+        for (size_t j = 0; j < slots.size(); ++j) {
+          const auto& copies = owners.copies[static_cast<size_t>(slots[j])];
           const auto& first = copies.front();
           auto summed = bucket.narrow(0, at, first.numel())
                             .view(first.sizes())
                             .to(first.device());
           at += first.numel();
           for (const auto& copy : copies) {
-            copy.mutable_grad() =
-                m[5 * k + 4] > 0 ? summed.clone() : torch::Tensor();
+            copy.mutable_grad() = any[j] > 0 ? summed.clone() : torch::Tensor();
           }
         }
       }
     }
-    ++checks_;
   }
 
  private:
@@ -344,6 +390,8 @@ class Ties {
     c10::intrusive_ptr<c10d::Backend> group; // null: one rank owns all
     std::vector<size_t> ties; // indices into ties_
     std::vector<std::vector<torch::Tensor>> copies; // this rank's, per tie
+    torch::Tensor fingerprints; // this step's, from start_check
+    c10::intrusive_ptr<c10d::Work> checking; // their sum, not waited for
   };
 
   /// Throws unless `same`: the copies of owners' k-th tie are equal.
@@ -391,14 +439,10 @@ class Ties {
     }
   }
 
-  void allreduce(Owners& owners, torch::Tensor& tensor, const char* what) {
-    board_.sum_over(
-        *owners.group,
-        tensor,
-        world_->timeout(),
-        "an owner of a tied parameter among ranks " +
-            c10::Join(", ", owners.ranks) +
-            " failed, exited or timed out while summing " + what);
+  static std::string failed_while(const Owners& owners, const char* what) {
+    return "an owner of a tied parameter among ranks " +
+        c10::Join(", ", owners.ranks) +
+        " failed, exited or timed out while summing " + what;
   }
 
   std::vector<TiedParameter> ties_;
