@@ -6,7 +6,10 @@ faster than the runtime PyTorch ships. This driver runs the GPT example
 clipping, no plain reference) and pipelining_gpt_peer.py (the same
 architecture and sizes, untied: pipelining cannot tie across stages) on 4
 Gloo ranks on this host, alternating launches for --rounds rounds, and
-prints each schedule's fastest median step and largest peak RSS per rank.
+prints each schedule's fastest median step, the median over rounds of the
+ratio of adjacent launches (this host's speed drifts by a third between
+launches minutes apart; a pair shares the drift), and the largest peak RSS
+per rank.
 
     python3 benchmarks/gpt_vs_pipelining.py --gpt-binary build/examples/gpt
 """
@@ -14,6 +17,7 @@ prints each schedule's fastest median step and largest peak RSS per rank.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -79,20 +83,26 @@ def main():
     env = shared.launch_env(args.torch_path)
     print(f"GPT {SIZES}, 4 Gloo ranks, {args.steps} timed steps after {args.warmup}, "
           f"{args.rounds} rounds alternating")  # fmt: skip
-    print("| schedule | gpipe ms | pipelining ms | gpipe / pipelining | gpipe RSS MiB (max rank) | pipelining RSS MiB (max rank) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| schedule | gpipe ms | pipelining ms | gpipe / pipelining | paired ratio, median (range) "
+          "| gpipe RSS MiB (max rank) | pipelining RSS MiB (max rank) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for schedule in args.schedules.split(","):
         best = {}
         rss = {}
+        paired = []
         for _ in range(args.rounds):
+            step = {}
             for impl in ("gpipe", "pipelining"):
                 result = launch(impl, schedule, args, env)
-                best[impl] = min(best.get(impl, float("inf")), result["step_ms_median"])
+                step[impl] = result["step_ms_median"]
+                best[impl] = min(best.get(impl, float("inf")), step[impl])
                 rss[impl] = max(rss.get(impl, 0), max(result["peak_rss_mb"]))
+            paired.append(step["gpipe"] / step["pipelining"])
         print(
             f"| {schedule} | {best['gpipe']:.2f} | {best['pipelining']:.2f} | "
-            f"{best['gpipe'] / best['pipelining']:.2f} | {rss['gpipe']:.0f} | "
-            f"{rss['pipelining']:.0f} |",
+            f"{best['gpipe'] / best['pipelining']:.2f} | "
+            f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
+            f"{rss['gpipe']:.0f} | {rss['pipelining']:.0f} |",
             flush=True,
         )
 
