@@ -11,12 +11,15 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <iostream>
 #include <limits>
 #include <map>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -207,6 +210,17 @@ int tied_clipped(const std::shared_ptr<gd::World>& world) {
   return check.report();
 }
 
+/// One step of the tied model on 6 random tokens (the first rank draws the
+/// input, the last the targets).
+void step_on_random_tokens(gd::DistributedGPipe& pipe) {
+  pipe->step(
+      pipe->is_first() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
+                       : torch::Tensor(),
+      pipe->is_last() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
+                      : torch::Tensor(),
+      cross_entropy);
+}
+
 /// A tied copy changed on one rank between steps: the next step is a
 /// gpipe: error on every rank, naming the tie.
 int tied_drift(const std::shared_ptr<gd::World>& world) {
@@ -230,12 +244,7 @@ int tied_drift(const std::shared_ptr<gd::World>& world) {
               .add_(1e-3);
     }
     try {
-      pipe->step(
-          pipe->is_first() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
-                           : torch::Tensor(),
-          pipe->is_last() ? torch::randint(0, kVocabulary, {6}, torch::kLong)
-                          : torch::Tensor(),
-          cross_entropy);
+      step_on_random_tokens(pipe);
     } catch (const std::exception& e) {
       const std::string message = e.what();
       error = message.substr(0, message.find('\n'));
@@ -243,6 +252,60 @@ int tied_drift(const std::shared_ptr<gd::World>& world) {
     }
   }
   std::cout << "RESULT error=" << error << std::endl;
+  return 0;
+}
+
+/// Microseconds on the steady clock, which every process on a host shares.
+int64_t steady_now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+/// Passes its input through and holds up its backward 150 ms; says when the
+/// last hold-up ended.
+struct HeldBackward : torch::autograd::Function<HeldBackward> {
+  inline static std::atomic<int64_t> released_us{0};
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* /*context*/,
+      const torch::Tensor& x) {
+    return x.clone();
+  }
+  static torch::autograd::tensor_list backward(
+      torch::autograd::AutogradContext* /*context*/,
+      torch::autograd::tensor_list grads) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    released_us = steady_now_us();
+    return {grads[0]};
+  }
+};
+
+/// The tied model on 4 ranks with the first rank's backward held up: each
+/// rank says when its step() returned, and the first when its last hold-up
+/// ended.
+int tie_with_a_slow_first_rank(const std::shared_ptr<gd::World>& world) {
+  const auto tied = make_tied_model();
+  torch::nn::Sequential model;
+  bool first = true;
+  for (const auto& layer : *tied) {
+    model->push_back(layer);
+    if (first) {
+      model->push_back(torch::nn::Functional(
+          [](const torch::Tensor& x) { return HeldBackward::apply(x); }));
+      first = false;
+    }
+  }
+  gd::DistributedGPipe pipe(
+      world,
+      model,
+      gd::DistributedOptions(4).microbatches(2).balance({3, 2, 2, 2}));
+  torch::manual_seed(13);
+  for (int step = 0; step < 2; ++step) {
+    step_on_random_tokens(pipe);
+    std::cout << "RESULT returned_us=" << steady_now_us() << std::endl;
+  }
+  std::cout << "RESULT released_us=" << HeldBackward::released_us.load()
+            << std::endl;
   return 0;
 }
 
@@ -518,6 +581,9 @@ int run_gradients_scenario(
   if (scenario == "tied_drift") {
     return tied_drift(world);
   }
+  if (scenario == "tie_with_a_slow_first_rank") {
+    return tie_with_a_slow_first_rank(world);
+  }
   if (scenario == "declared_tie_errors") {
     return declared_tie_errors(world);
   }
@@ -613,6 +679,30 @@ TEST(DistributedGradients, ATiedCopyModifiedBehindThePipesBackFailsEveryRank) {
         std::string::npos)
         << outcome;
     EXPECT_EQ(outcome.result("step"), "1") << outcome;
+  }
+}
+
+TEST(
+    DistributedGradients,
+    TheMiddleRanksOfATiedPipeGetTheLossWithoutWaitingForTheFirstRankToDrain) {
+  // The tie joins the first and the last rank; the first rank's backward is
+  // held up 150 ms a micro-batch. The loss goes out before the tie's sum,
+  // so ranks 1 and 2 return while rank 0 still drains.
+  const auto outcomes =
+      mp::run({"tie_with_a_slow_first_rank", "", /*world=*/4});
+  ASSERT_EQ(outcomes.size(), 4U);
+  for (const auto& outcome : outcomes) {
+    ASSERT_TRUE(outcome.succeeded()) << outcome;
+  }
+  const int64_t released = std::stoll(outcomes[0].result("released_us"));
+  for (const int rank : {1, 2}) {
+    EXPECT_LT(std::stoll(outcomes[rank].result("returned_us")), released)
+        << outcomes[rank];
+  }
+  // The owners wait for the tie's sum: they return after the hold-up.
+  for (const int rank : {0, 3}) {
+    EXPECT_GT(std::stoll(outcomes[rank].result("returned_us")), released)
+        << outcomes[rank];
   }
 }
 
