@@ -145,9 +145,10 @@ class FailureBoard {
 
 /// Polls the FailureBoard while a step runs and aborts the step's messages
 /// once another rank posted a failure (Note [A failed rank stops every rank]).
-/// One thread for the pipe's life, armed for each step by an `Armed`: a
-/// thread started and joined every step cost each rank two context
-/// switches per step. Armed, it polls every 50 ms; a second after the last
+/// One thread for the pipe's life, armed for each step by an `Armed`,
+/// instead of a thread started and joined every step (a thread's creation
+/// and join a step; their share of the step was not measured apart).
+/// Armed, it polls every 50 ms; a second after the last
 /// step it sleeps until armed again.
 class Watchdog {
  public:

@@ -49,6 +49,17 @@ struct RankPlacement {
     return replica * stages + position;
   }
 
+  /// The other ranks of this rank's pipeline, by position.
+  std::vector<int64_t> pipeline_peers() const {
+    std::vector<int64_t> peers;
+    for (int64_t p = 0; p < stages; ++p) {
+      if (p != position) {
+        peers.push_back(rank_at(p));
+      }
+    }
+    return peers;
+  }
+
   /// "rank 3 (stage 1)", "rank 1 (stages 1 3)".
   std::string describe(int64_t rank) const {
     const int64_t position = rank % stages;

@@ -105,13 +105,8 @@ inline std::shared_ptr<PeerSockets> pipeline_sockets(
   if (!placement.sockets) {
     return nullptr;
   }
-  std::vector<int64_t> peers;
-  for (int64_t p = 0; p < placement.stages; ++p) {
-    if (p != placement.position) {
-      peers.push_back(placement.rank_at(p));
-    }
-  }
-  return std::make_shared<PeerSockets>(world, prefix, peers);
+  return std::make_shared<PeerSockets>(
+      world, prefix, placement.pipeline_peers());
 }
 
 /// Sends and receives bundles of one pipe between its ranks over `group`
@@ -459,11 +454,8 @@ inline void tell_the_pipeline(
     const RankPlacement& placement,
     const torch::Tensor& message,
     int64_t tag) {
-  for (int64_t p = 0; p < placement.stages; ++p) {
-    if (p != placement.position) {
-      transport.messages().send_control(
-          message.clone(), placement.rank_at(p), tag);
-    }
+  for (const int64_t peer : placement.pipeline_peers()) {
+    transport.messages().send_control(message.clone(), peer, tag);
   }
 }
 
